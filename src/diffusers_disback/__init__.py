@@ -1,0 +1,16 @@
+"""diffusers_disback: one-step SDXL generation and distillation by Distribution Backtracking (DisBack)."""
+
+__version__ = "0.1.0.dev0"
+
+from .checkpoints import CheckpointError, load_unet_checkpoint
+from .pipeline_disback import DisBackPipeline
+from .scheduling_disback import DisBackScheduler, DisBackSchedulerOutput, disback_timesteps
+
+__all__ = [
+    "CheckpointError",
+    "DisBackPipeline",
+    "DisBackScheduler",
+    "DisBackSchedulerOutput",
+    "disback_timesteps",
+    "load_unet_checkpoint",
+]
