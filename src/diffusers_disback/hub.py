@@ -1,0 +1,446 @@
+"""The Hub: repo layout, model cards and pushing (with retries). The only module of the package that talks to the Hub.
+
+A DisBack repo loads three ways (see docs/hub.md):
+
+1. `DisBackPipeline.from_pretrained(repo_id)` with this package installed;
+2. `DiffusionPipeline.from_pretrained(repo_id, custom_pipeline=repo_id, trust_remote_code=True)` without it (the
+   repo carries `pipeline.py` and `scheduling_disback.py`);
+3. plain `StableDiffusionXLPipeline.from_pretrained(repo_id)` with `timesteps=[399], guidance_scale=0`
+   (`model_index.json` names only stock diffusers/transformers classes).
+
+A "unet" repo holds only `unet/` and references the base model for everything else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+from huggingface_hub import HfApi, ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "HubPushError",
+    "DEFAULT_SAMPLE_PROMPTS",
+    "download_checkpoint",
+    "make_model_card",
+    "save_for_hub",
+    "write_fp16_variant",
+    "push_folder",
+    "push_pipeline",
+    "push_pipeline_folder",
+]
+
+DEFAULT_SAMPLE_PROMPTS = (
+    "a photo of an astronaut riding a horse on mars",
+    "a red fox in a snowy forest, golden hour",
+    "a bowl of ramen, studio lighting",
+    "a watercolor painting of a lighthouse at dawn",
+)
+CARD_TAGS = ["disback", "distillation", "one-step", "stable-diffusion-xl", "text-to-image", "diffusers"]
+SAMPLES_FILE = "samples.png"
+
+
+class HubPushError(RuntimeError):
+    """A push that failed after its retries. The local folder is untouched and can be pushed again."""
+
+
+# ---------------------------------------------------------------------------------------------------------- download
+
+
+_HUB_FILE = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)/(?P<file>.+)$")
+
+
+def download_checkpoint(spec: str, revision: str | None = None) -> str:
+    """
+    Resolves `owner/repo/path/in/repo.bin` to a local file through the Hub cache.
+
+    Raises:
+        FileNotFoundError: `spec` is neither a local file nor of the form `owner/repo/path/to/file`.
+    """
+    match = _HUB_FILE.match(os.fspath(spec))
+    if os.path.exists(spec) or match is None:
+        if os.path.exists(spec):
+            return os.fspath(spec)
+        raise FileNotFoundError(
+            f"Checkpoint {spec!r} is not a local file, nor a Hub file of the form 'owner/repo/path/in/repo.bin'."
+        )
+    return hf_hub_download(match["repo"], match["file"], revision=revision)
+
+
+# ------------------------------------------------------------------------------------------------------------ card
+
+
+@dataclass
+class _Routes:
+    repo_id: str
+    base_model: str | None
+    kind: str  # "pipeline" | "unet"
+
+
+def _usage(routes: _Routes) -> str:
+    r = routes.repo_id
+    if routes.kind == "unet":
+        base = routes.base_model or "stabilityai/stable-diffusion-xl-base-1.0"
+        return f"""### With `diffusers_disback` (`pip install diffusers_disback`)
+
+```python
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers_disback import DisBackPipeline
+
+unet = UNet2DConditionModel.from_pretrained("{r}", subfolder="unet", torch_dtype=torch.float16)
+pipe = DisBackPipeline.from_pretrained("{base}", unet=unet, torch_dtype=torch.float16).to("cuda")
+image = pipe("a photo of an astronaut riding a horse on mars").images[0]  # one step
+```
+
+### With plain diffusers
+
+```python
+import torch
+from diffusers import LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+unet = UNet2DConditionModel.from_pretrained("{r}", subfolder="unet", torch_dtype=torch.float16)
+pipe = StableDiffusionXLPipeline.from_pretrained("{base}", unet=unet, torch_dtype=torch.float16).to("cuda")
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=1000)
+image = pipe("a photo of an astronaut riding a horse on mars", timesteps=[399], guidance_scale=0).images[0]
+```
+"""
+    return f"""All three give the same images for the same seed.
+
+### 1. With `diffusers_disback` (`pip install diffusers_disback`)
+
+```python
+import torch
+from diffusers_disback import DisBackPipeline
+
+pipe = DisBackPipeline.from_pretrained("{r}", torch_dtype=torch.float16).to("cuda")
+image = pipe("a photo of an astronaut riding a horse on mars").images[0]  # one step, no CFG
+image = pipe("a photo of an astronaut riding a horse on mars", num_inference_steps=4).images[0]  # 999,749,499,249
+```
+
+### 2. Plain diffusers with this repo's pipeline code (no extra package)
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained(
+    "{r}", custom_pipeline="{r}", trust_remote_code=True, torch_dtype=torch.float16
+).to("cuda")
+image = pipe("a photo of an astronaut riding a horse on mars").images[0]  # DisBack defaults
+```
+
+### 3. Plain diffusers, no remote code
+
+```python
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+pipe = StableDiffusionXLPipeline.from_pretrained("{r}", torch_dtype=torch.float16).to("cuda")
+image = pipe("a photo of an astronaut riding a horse on mars", timesteps=[399], guidance_scale=0).images[0]
+image = pipe("a photo of an astronaut riding a horse on mars", num_inference_steps=4, guidance_scale=0).images[0]
+```
+"""
+
+
+def _training_table(training: dict | None) -> str:
+    if not training:
+        return "No training record was attached to this upload.\n"
+    rows = ["| setting | value |", "| --- | --- |"]
+    for key, value in training.items():
+        if re.search(r"token|secret|password|api_key", key, flags=re.IGNORECASE):
+            continue  # never publish credentials that slipped into a config
+        rows.append(f"| {key} | {json.dumps(value) if not isinstance(value, str) else value} |")
+    return "\n".join(rows) + "\n"
+
+
+def make_model_card(
+    repo_id: str,
+    *,
+    base_model: str | None = None,
+    kind: str = "pipeline",
+    license: str = "openrail++",
+    training: dict | None = None,
+    sample_prompts: list[str] | tuple[str, ...] | None = None,
+    samples_file: str | None = SAMPLES_FILE,
+) -> ModelCard:
+    """
+    The model card of a DisBack repo: Hub metadata (`library_name: diffusers`, `pipeline_tag: text-to-image`,
+    `base_model`, tags, license), a usage snippet for each loading route, sample images and the training record.
+    """
+    if kind not in ("pipeline", "unet"):
+        raise ValueError(f"kind must be 'pipeline' or 'unet', got {kind!r}")
+    data = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        license=license,
+        base_model=base_model,
+        tags=list(CARD_TAGS),
+    )
+    samples = ""
+    if samples_file and sample_prompts:
+        prompts = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(sample_prompts))
+        samples = f"## Samples\n\n![samples]({samples_file})\n\nOne step, seed 0, prompts:\n\n{prompts}\n\n"
+    name = repo_id.split("/")[-1]
+    content = (
+        f"---\n{data.to_yaml()}\n---\n\n"
+        f"# {name}\n\n"
+        "A one-step text-to-image generator distilled from "
+        f"{('[' + base_model + '](https://huggingface.co/' + base_model + ')') if base_model else 'an SDXL teacher'} "
+        "by **Distribution Backtracking** (DisBack, Zhang et al., ICLR 2025): distribution-matching distillation "
+        "whose target walks back along the recorded degradation path from the initial generator to the teacher. "
+        "Sampled in one step at timestep 399 from pure noise, without classifier-free guidance; "
+        "four steps use timesteps 999, 749, 499, 249.\n\n"
+        f"## Usage\n\n{_usage(_Routes(repo_id, base_model, kind))}\n"
+        f"{samples}"
+        f"## Training\n\n{_training_table(training)}\n"
+        "Made with [diffusers_disback](https://github.com/diffusers-disback/diffusers_disback).\n"
+    )
+    return ModelCard(content)
+
+
+# ---------------------------------------------------------------------------------------------------------- saving
+
+
+def _sample_grid(pipeline, prompts, seed: int = 0):
+    from PIL import Image
+
+    images = []
+    for prompt in prompts:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        images.append(pipeline(prompt, generator=generator).images[0])
+    w, h = images[0].size
+    grid = Image.new("RGB", (w * len(images), h))
+    for i, image in enumerate(images):
+        grid.paste(image, (i * w, 0))
+    return grid
+
+
+def write_fp16_variant(folder: str | os.PathLike) -> list[str]:
+    """
+    Writes an fp16 copy of every component's weights next to it (`*.fp16.safetensors`, the name diffusers and
+    transformers load with `variant="fp16"`), one component at a time. Returns the files written.
+    """
+    from safetensors.torch import load_file, save_file
+
+    written = []
+    for root, _, files in os.walk(folder):
+        for name in sorted(files):
+            stem, ext = os.path.splitext(name)
+            if ext != ".safetensors" or "." in stem:  # skip variants and shards' index files
+                continue
+            if re.search(r"-\d{5}-of-\d{5}$", stem):
+                raise NotImplementedError(
+                    f"{os.path.join(root, name)} is a shard; save with a larger `max_shard_size` to write an fp16 "
+                    "variant."
+                )
+            state = load_file(os.path.join(root, name))
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+            target = os.path.join(root, f"{stem}.fp16.safetensors")
+            tmp = target + ".tmp"
+            save_file(state, tmp, metadata={"format": "pt"})
+            os.replace(tmp, target)
+            written.append(target)
+    return written
+
+
+def save_for_hub(
+    pipeline,
+    save_directory: str | os.PathLike,
+    repo_id: str,
+    *,
+    kind: str = "pipeline",
+    base_model: str | None = None,
+    fp16_variant: bool = False,
+    license: str = "openrail++",
+    training: dict | None = None,
+    sample_prompts: list[str] | tuple[str, ...] | None = DEFAULT_SAMPLE_PROMPTS,
+) -> str:
+    """
+    Writes the folder a DisBack repo holds: the pipeline (`kind="pipeline"`) or only `unet/` (`kind="unet"`, the base
+    model referenced in the card), an optional fp16 variant, `samples.png` and `README.md`. Returns the folder.
+    """
+    save_directory = os.fspath(save_directory)
+    os.makedirs(save_directory, exist_ok=True)
+    if kind == "pipeline":
+        pipeline.save_pretrained(save_directory)
+    elif kind == "unet":
+        pipeline.unet.save_pretrained(os.path.join(save_directory, "unet"))
+    else:
+        raise ValueError(f"kind must be 'pipeline' or 'unet', got {kind!r}")
+    if fp16_variant:
+        write_fp16_variant(save_directory)
+    if base_model is None:
+        base_model = _base_model_of(pipeline)
+    if sample_prompts:
+        _sample_grid(pipeline, list(sample_prompts)).save(os.path.join(save_directory, SAMPLES_FILE))
+    card = make_model_card(
+        repo_id,
+        base_model=base_model,
+        kind=kind,
+        license=license,
+        training=training,
+        sample_prompts=sample_prompts,
+    )
+    card.save(os.path.join(save_directory, "README.md"))
+    return save_directory
+
+
+def _base_model_of(pipeline) -> str | None:
+    name = getattr(pipeline, "name_or_path", None) or pipeline.config.get("_name_or_path")
+    # a local folder is no Hub reference
+    return name if isinstance(name, str) and _HUB_FILE.match(name + "/x") and not os.path.exists(name) else None
+
+
+# --------------------------------------------------------------------------------------------------------- pushing
+
+
+def _retryable(error: BaseException) -> bool:
+    if isinstance(error, HfHubHTTPError):
+        status = getattr(error.response, "status_code", None)
+        return status is None or status >= 500 or status in (408, 429)
+    return isinstance(error, (ConnectionError, TimeoutError, OSError)) or type(error).__module__.startswith("httpx")
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload DisBack pipeline",
+    path_in_repo: str | None = None,
+    max_retries: int = 3,
+    retry_wait: float = 2.0,
+    api: HfApi | None = None,
+) -> str:
+    """
+    Uploads a folder to a model repo in one commit, creating the repo if needed, with retries on server and network
+    errors (waiting `retry_wait`, doubling each time). A commit is atomic on the Hub: a push that fails leaves the
+    repo as it was and the local folder untouched.
+
+    Returns:
+        The URL of the commit.
+
+    Raises:
+        HubPushError: the push failed after `max_retries` retries (or at once, for errors that retrying cannot fix,
+            such as authentication or permission errors); the message names the local folder.
+    """
+    api = api or HfApi(token=token)
+    folder = os.fspath(folder)
+    attempt = 0
+    while True:
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                path_in_repo=path_in_repo,
+                commit_message=commit_message,
+                repo_type="model",
+            )
+            return str(getattr(info, "commit_url", info))
+        except Exception as e:  # noqa: BLE001 - classified below, re-raised with context
+            attempt += 1
+            if not _retryable(e) or attempt > max_retries:
+                raise HubPushError(
+                    f"Pushing {folder!r} to {repo_id!r} failed after {attempt} attempt(s): "
+                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+                    "The local folder is intact; push it again with `disback push` or `push_folder`."
+                ) from e
+            wait = retry_wait * 2 ** (attempt - 1)
+            logger.warning(
+                "Push to %s failed (%s: %s); retry %d/%d in %.1fs.",
+                repo_id,
+                type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "",
+                attempt,
+                max_retries,
+                wait,
+            )
+            time.sleep(wait)
+
+
+def push_pipeline_folder(
+    save_directory: str | os.PathLike,
+    pipeline=None,
+    repo_id: str | None = None,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload DisBack pipeline",
+    create_pr: bool = False,
+    card_data: dict | None = None,
+    sample_prompts=None,
+) -> str:
+    """Pushes a folder that `DisBackPipeline.save_pretrained` wrote, adding a model card if it has none."""
+    if create_pr:
+        raise NotImplementedError("create_pr is not supported; push to a branch-less repo or use huggingface_hub.")
+    save_directory = os.fspath(save_directory)
+    repo_id = repo_id or os.path.basename(os.path.normpath(save_directory))
+    if not os.path.exists(os.path.join(save_directory, "README.md")):
+        base_model = _base_model_of(pipeline) if pipeline is not None else None
+        if pipeline is not None and sample_prompts:
+            _sample_grid(pipeline, list(sample_prompts)).save(os.path.join(save_directory, SAMPLES_FILE))
+        card = make_model_card(repo_id, base_model=base_model, training=card_data, sample_prompts=sample_prompts)
+        card.save(os.path.join(save_directory, "README.md"))
+    return push_folder(save_directory, repo_id, private=private, token=token, commit_message=commit_message)
+
+
+def push_pipeline(
+    pipeline,
+    repo_id: str,
+    *,
+    save_directory: str | os.PathLike | None = None,
+    kind: str = "pipeline",
+    base_model: str | None = None,
+    fp16_variant: bool = False,
+    license: str = "openrail++",
+    training: dict | None = None,
+    sample_prompts=DEFAULT_SAMPLE_PROMPTS,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload DisBack pipeline",
+    max_retries: int = 3,
+    retry_wait: float = 2.0,
+) -> str:
+    """
+    Saves a pipeline in the DisBack Hub layout (see [`save_for_hub`]) and pushes it (see [`push_folder`]).
+
+    With `save_directory=None` the folder is a temporary one, removed after a successful push; after a failed push it
+    is kept and its path is in the error, so nothing is lost.
+    """
+    folder = os.fspath(save_directory) if save_directory is not None else tempfile.mkdtemp(prefix="disback-push-")
+    save_for_hub(
+        pipeline,
+        folder,
+        repo_id,
+        kind=kind,
+        base_model=base_model,
+        fp16_variant=fp16_variant,
+        license=license,
+        training=training,
+        sample_prompts=sample_prompts,
+    )
+    url = push_folder(
+        folder,
+        repo_id,
+        private=private,
+        token=token,
+        commit_message=commit_message,
+        max_retries=max_retries,
+        retry_wait=retry_wait,
+    )
+    if save_directory is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    return url
