@@ -27,16 +27,18 @@ need nothing; private repos answer 404 `RepoNotFound` to anyone without the toke
 Pointing the client at the server
 ---------------------------------
 `huggingface_hub` reads `HF_ENDPOINT` once, when `huggingface_hub.constants` is imported, and bakes it into
-`constants.ENDPOINT`, `constants.HUGGINGFACE_CO_URL_TEMPLATE` (used by `hf_hub_download`/`hf_hub_url`, which have
-no endpoint of their own unless one is passed) and the module-level `HfApi` instance behind `huggingface_hub.model_info`,
-`upload_folder`, ... (that is the `model_info` diffusers calls). `HfApi(endpoint=url)` alone is therefore NOT enough
-for diffusers' `from_pretrained`. Two ways work, and `hub_environment` does both:
+`constants.ENDPOINT`, `constants.HUGGINGFACE_CO_URL_TEMPLATE` (used by `hf_hub_download`/`hf_hub_url` unless they
+get `endpoint=`) and the module-level `HfApi` instance behind `huggingface_hub.model_info`, `upload_folder`, ... (the
+`model_info` diffusers calls). `HfApi(endpoint=url)` alone is therefore NOT enough for diffusers' `from_pretrained`.
+Either of these works:
 
-1. set the environment before anything imports `huggingface_hub` (or diffusers/transformers), e.g. at the very top
-   of `tests/conftest.py`::
+1. Set the environment before anything imports `huggingface_hub` (or diffusers/transformers), at the very top of
+   `tests/conftest.py`::
 
-       import os, tempfile
-       from tests.hub_server import HubServer, hub_env, reserve_port   # stdlib-only, safe to import first
+       import os, sys, tempfile
+       import pytest
+       sys.path.insert(0, os.path.dirname(__file__))  # not needed if tests/ is a package: `from tests.hub_server`
+       from hub_server import HubServer, hub_env, reserve_port  # stdlib only: safe to import first
 
        _HUB_PORT = reserve_port()
        _HF_HOME = tempfile.mkdtemp(prefix="hf_home_")
@@ -47,28 +49,25 @@ for diffusers' `from_pretrained`. Two ways work, and `hub_environment` does both
            with HubServer(port=_HUB_PORT) as server:
                yield server
 
-   (`tests` needs to be importable for that import; otherwise put `sys.path.insert(0, os.path.dirname(__file__))`
-   first and `from hub_server import ...`.)
-
-2. or, when `huggingface_hub` may already be imported (the usual case inside a pytest session, where other test
-   modules import diffusers at collection), patch it at run time::
+2. Or patch at run time, which works whatever was imported before (the usual case inside a pytest session, where
+   test modules import diffusers at collection)::
 
        @pytest.fixture(scope="module")
        def hub(tmp_path_factory):
            with HubServer() as server, hub_environment(server, tmp_path_factory.mktemp("hf_home")):
                yield server
 
-   `hub_environment` sets the same environment variables (restored afterwards) and patches the already-imported
-   modules: `huggingface_hub.constants` (ENDPOINT, HUGGINGFACE_CO_URL_TEMPLATE, HF_HUB_DISABLE_XET,
-   HF_HUB_DISABLE_TELEMETRY, HF_HUB_OFFLINE, HF_HOME, HF_HUB_CACHE, token paths), `huggingface_hub.hf_api.api.endpoint`,
-   and diffusers' HF_MODULES_CACHE (where remote code is copied) and telemetry/offline flags; it also drops
-   `huggingface_hub`'s pooled HTTP client so no connection to a stopped server is reused.
+   `hub_environment` sets the `hub_env` variables (restored on exit) and patches the import-time copies in the
+   modules already loaded: `huggingface_hub.constants` (ENDPOINT, HUGGINGFACE_CO_URL_TEMPLATE, HF_HUB_DISABLE_XET,
+   HF_HUB_DISABLE_TELEMETRY, HF_HUB_OFFLINE, HF_HOME, HF_HUB_CACHE, token paths), `huggingface_hub.hf_api.api`'s
+   endpoint, diffusers' HF_MODULES_CACHE (where remote code is copied to) and its telemetry/offline flags. It also
+   closes `huggingface_hub`'s pooled HTTP client, so no keep-alive connection to a stopped server is reused.
 
 Environment variables that matter (all set by `hub_env`): HF_ENDPOINT; HF_HUB_DISABLE_XET=1 (REQUIRED for uploads:
 with `hf_xet` installed, huggingface_hub 2.4 uploads through Xet unconditionally, without asking the server, see
-below); HF_HUB_DISABLE_TELEMETRY=1 (otherwise every request's user agent triggers a fetch of
-`{HF_ENDPOINT}/api/agent-harnesses`, which the server answers anyway); HF_HOME/HF_HUB_CACHE (cache in a temp dir);
-HF_TOKEN (so module-level helpers and diffusers send the token without `token=`); HF_HUB_OFFLINE=0.
+below); HF_HUB_DISABLE_TELEMETRY=1 (otherwise building the user agent fetches `{HF_ENDPOINT}/api/agent-harnesses`
+once a day, which the server answers anyway); HF_HOME/HF_HUB_CACHE/HF_MODULES_CACHE (caches in a temp dir);
+HF_TOKEN (module-level helpers and diffusers then send the token without `token=`); HF_HUB_OFFLINE=0; NO_PROXY.
 
 Xet: in huggingface_hub 2.4 `_commit_api._upload_files` takes the Xet path whenever `is_xet_available()` is true,
 i.e. `hf_xet` is importable and `constants.HF_HUB_DISABLE_XET` is false; the preupload/LFS-batch answers are not
@@ -78,18 +77,19 @@ this server never sends.
 
 Failure injection and counters::
 
-    server.fail_next("commit")                        # next commit answers 500 (not retried by the client)
+    server.fail_next("commit")                        # next commit answers 500 (the client does not retry it)
     server.fail_next("lfs_upload", status=503)        # one transient error: the client retries after ~1 s
     server.fail_next("lfs_upload", status=403, after=1)  # 2nd LFS PUT fails hard (4xx is not retried)
     server.fail_next("resolve", predicate=lambda r: r.path_in_repo == "model_index.json" and r.method == "GET")
     server.fail_next(lambda r: r.method == "POST", status=0)  # status 0: drop the connection, no answer
-    server.count("lfs_upload"); server.counts; server.reset_counts()
+    server.count("lfs_upload"); server.count("resolve", "HEAD"); server.counts; server.reset_counts()
 
 Request kinds: whoami, create_repo, delete_repo, repo_settings, info, tree, paths_info, preupload, commit, refs,
 commits, branch, tag, lfs_batch, lfs_upload, lfs_verify, resolve, validate_yaml, agent_harnesses, telemetry, unknown.
-Note the client's retry policy: preupload, lfs_batch, lfs_upload and lfs_verify go through `http_backoff`, which
-retries 408/429/5xx and dropped connections up to 5 times with 1, 2, 4, 8, 8 s sleeps; commit, info, tree and
-create_repo are not retried. HEAD/GET on resolve are not retried either (the client falls back to its cache).
+The client's retry policy (huggingface_hub 2.4): preupload, lfs_batch, lfs_upload, lfs_verify and tree go through
+`http_backoff`, which retries 408/429/5xx and dropped connections up to 5 times, sleeping 1, 2, 4, 8, 8 s; commit,
+info, create_repo and whoami are not retried. A failed resolve HEAD is retried (with backoff) only when the file is
+not cached yet; otherwise `hf_hub_download` silently returns the cached copy.
 """
 
 from __future__ import annotations
@@ -110,7 +110,6 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -231,8 +230,11 @@ def hub_environment(
             _set(hc, "HF_TOKEN_PATH", os.path.join(home, "token"))
             _set(hc, "HF_STORED_TOKENS_PATH", os.path.join(home, "stored_tokens"))
             _set(hc, "AGENT_HARNESSES_PATH", os.path.join(home, ".agent_harnesses.json"))
-            for name in ("diffusers.utils.constants", "diffusers.utils", "diffusers.utils.dynamic_modules_utils"):
-                _set(name, "HF_MODULES_CACHE", env["HF_MODULES_CACHE"])
+            # the `diffusers_modules` package is bound to the modules cache it was first created in: once remote
+            # code has been loaded in this process, moving the cache would make new modules unimportable
+            if "diffusers_modules" not in sys.modules:
+                for name in ("diffusers.utils.constants", "diffusers.utils", "diffusers.utils.dynamic_modules_utils"):
+                    _set(name, "HF_MODULES_CACHE", env["HF_MODULES_CACHE"])
         api_module = sys.modules.get("huggingface_hub.hf_api")
         if api_module is not None and getattr(api_module, "api", None) is not None:
             saved_attrs.append((api_module.api, "endpoint", api_module.api.endpoint))
@@ -573,7 +575,7 @@ class HubServer:
         with self._lock:
             return list(self._errors)
 
-    # -- direct (non-HTTP) access, for test setup and assertions --------------------------------------------------------
+    # -- direct (non-HTTP) access, for test setup and assertions ----------------------------------------------------
 
     def create_repo(self, repo_id: str, *, repo_type: str = "model", private: bool = False, exist_ok: bool = False):
         with self._lock:
@@ -964,7 +966,11 @@ class HubServer:
                 if blobs:
                     sibling.update(size=entry.size, blobId=entry.git_oid)
                     if entry.lfs:
-                        sibling["lfs"] = {"size": entry.size, "sha256": entry.sha256, "pointerSize": entry.pointer_size}
+                        sibling["lfs"] = {
+                            "size": entry.size,
+                            "sha256": entry.sha256,
+                            "pointerSize": entry.pointer_size,
+                        }
                 siblings.append(sibling)
             data: dict[str, Any] = {
                 "_id": repo.uid,
@@ -1255,9 +1261,7 @@ class HubServer:
             commit = self._get_commit(repo, r.revision)
             entry = commit.files.get(r.path_in_repo or "")
             if entry is None:
-                raise _HubError(
-                    404, "Entry not found", "EntryNotFound", headers={"X-Repo-Commit": commit.sha}
-                )
+                raise _HubError(404, "Entry not found", "EntryNotFound", headers={"X-Repo-Commit": commit.sha})
             data = self._blobs[entry.sha256]
         headers = {
             "X-Repo-Commit": commit.sha,

@@ -277,7 +277,7 @@ def test_diffusers_pipeline_roundtrip(api, hub, tmp_path):
     _assert_same_weights(pipe.unet, generic.unet)
 
 
-CUSTOM_PIPELINE = '''
+CUSTOM_PIPELINE = """
 from diffusers import DiffusionPipeline
 
 from .helper import MAGIC
@@ -290,7 +290,7 @@ class MagicPipeline(DiffusionPipeline):
 
     def __call__(self):
         return MAGIC
-'''
+"""
 
 
 def test_diffusers_remote_code_with_relative_import(api, hub, tmp_path):

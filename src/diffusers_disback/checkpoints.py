@@ -238,7 +238,9 @@ def load_unet_checkpoint(
         raise CheckpointError("\n".join(lines))
     mismatched = {k: (tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items() if state[k].shape != v.shape}
     if mismatched:
-        shown = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in list(mismatched.items())[:_MAX_NAMED_KEYS])
+        shown = "; ".join(
+            f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in list(mismatched.items())[:_MAX_NAMED_KEYS]
+        )
         raise CheckpointError(
             f"Checkpoint {source!r}: {len(mismatched)} tensors have the wrong shape ({shown}). "
             "The checkpoint was trained with a different UNet config."

@@ -1,8 +1,8 @@
 """`disback`: the command line.
 
-    disback generate MODEL "a prompt" --output image.png [--steps 1] [--seed 0]
-    disback convert CHECKPOINT --base-model DIR_OR_REPO --output DIR [--push-to-hub REPO] [--fp16-variant] [--unet-only]
-    disback push FOLDER REPO_ID
+disback generate MODEL "a prompt" --output image.png [--steps 1] [--seed 0]
+disback convert CHECKPOINT --base-model DIR_OR_REPO --output DIR [--push-to-hub REPO] [--fp16-variant] [--unet-only]
+disback push FOLDER REPO_ID
 """
 
 from __future__ import annotations

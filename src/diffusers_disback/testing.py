@@ -181,7 +181,9 @@ def get_sdxl_components(size: str = "tiny", seed: int = 0, scheduler: str = "eul
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(**common, **(_TINY_TEXT if tiny else _SDXL_TEXT_1)))
     torch.manual_seed(seed)
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**common, **(_TINY_TEXT if tiny else _SDXL_TEXT_2)}))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(**{**common, **(_TINY_TEXT if tiny else _SDXL_TEXT_2)})
+    )
     if scheduler == "disback":
         from .scheduling_disback import DisBackScheduler
 
