@@ -4,6 +4,7 @@ Side by side in one process, on the same components and prompt, interleaved so t
 
 - `bare passes`: text encoders (with tokenization) + one UNet forward + VAE decode, called directly: the floor.
 - `DisBack 1-step`: `DisBackPipeline(prompt)`, everything a user gets.
+- `DisBack 1-step, stock _execution_device`: the same with diffusers' own device look-up (what our override saves).
 - `DisBack 1-step + tiny VAE`: the same with an `AutoencoderTiny` decoder (TAESD-XL shaped; random weights here).
 - `teacher 25-step CFG`: `StableDiffusionXLPipeline` with Euler, 25 steps, guidance 5.
 
@@ -12,6 +13,7 @@ Prints one table (median ms, ratio to the bare passes, ratio of the teacher to D
     python benchmarks/inference.py                  # tiny components on CPU, full repeats
     python benchmarks/inference.py --quick          # a few repeats (used by the test suite)
     python benchmarks/inference.py --size sdxl --device cuda --dtype float16   # SDXL-sized random weights, GPU
+    python benchmarks/inference.py --size sdxl --resolution 512 --repeats 3 --teacher_steps 2  # SDXL-sized, CPU
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ def _tiny_vae(size: str) -> AutoencoderTiny:
     )
 
 
+class _StockExecutionDevice(DisBackPipeline):
+    """DisBackPipeline with diffusers' own `_execution_device` (which walks every submodule with hasattr)."""
+
+    _execution_device = StableDiffusionXLPipeline._execution_device
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -69,7 +77,15 @@ def bare_passes(pipe: DisBackPipeline, height: int, width: int, generator: torch
     return vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
 
 
-def run(size: str, device: str, dtype: torch.dtype, repeats: int, teacher_steps: int, out_png: str | None) -> dict:
+def run(
+    size: str,
+    device: str,
+    dtype: torch.dtype,
+    repeats: int,
+    teacher_steps: int,
+    out_png: str | None,
+    resolution: int | None = None,
+) -> dict:
     components = get_sdxl_components(size, scheduler="disback")
     pipe = DisBackPipeline(**components).to(device, dtype)
     if dtype == torch.float16:
@@ -81,17 +97,32 @@ def run(size: str, device: str, dtype: torch.dtype, repeats: int, teacher_steps:
     teacher.set_progress_bar_config(disable=True)
     fast = DisBackPipeline(**{**pipe.components, "vae": _tiny_vae(size).to(device, dtype)})
     fast.set_progress_bar_config(disable=True)
-    size_px = 64 if size == "tiny" else 1024
+    stock = _StockExecutionDevice(**pipe.components)
+    stock.set_progress_bar_config(disable=True)
+    size_px = resolution or (64 if size == "tiny" else 1024)
+    if size_px % 8:
+        raise ValueError(f"--resolution must be divisible by 8, got {size_px}")
 
     def gen():
         return torch.Generator().manual_seed(0)
 
     variants = {
         "bare passes (text enc + 1 UNet + VAE)": lambda: bare_passes(pipe, size_px, size_px, gen()),
-        "DisBack 1-step": lambda: pipe(PROMPT, generator=gen(), output_type="pt"),
-        "DisBack 1-step + tiny VAE": lambda: fast(PROMPT, generator=gen(), output_type="pt"),
+        "DisBack 1-step": lambda: pipe(PROMPT, height=size_px, width=size_px, generator=gen(), output_type="pt"),
+        "DisBack 1-step, stock _execution_device": lambda: stock(
+            PROMPT, height=size_px, width=size_px, generator=gen(), output_type="pt"
+        ),
+        "DisBack 1-step + tiny VAE": lambda: fast(
+            PROMPT, height=size_px, width=size_px, generator=gen(), output_type="pt"
+        ),
         f"teacher {teacher_steps}-step CFG 5": lambda: teacher(
-            PROMPT, num_inference_steps=teacher_steps, guidance_scale=5.0, generator=gen(), output_type="pt"
+            PROMPT,
+            height=size_px,
+            width=size_px,
+            num_inference_steps=teacher_steps,
+            guidance_scale=5.0,
+            generator=gen(),
+            output_type="pt",
         ),
     }
     for fn in variants.values():  # warm-up (allocations, kernels, caches)
@@ -110,7 +141,10 @@ def run(size: str, device: str, dtype: torch.dtype, repeats: int, teacher_steps:
     rows = []
     for name, ms in median.items():
         rows.append((name, ms, ms / bare, ms / one))
-    print(f"\ninference, {size} components, {device}, {str(dtype).replace('torch.', '')}, {repeats} repeats, seed 0")
+    print(
+        f"\ninference, {size} components, {size_px}x{size_px}, {device}, {str(dtype).replace('torch.', '')}, "
+        f"{repeats} repeats, seed 0"
+    )
     print(f"| {'figure':<40} | {'median ms':>10} | {'/ bare':>7} | {'/ DisBack':>9} |")
     print(f"| {'-' * 40} | {'-' * 10} | {'-' * 7} | {'-' * 9} |")
     for name, ms, r_bare, r_one in rows:
@@ -131,7 +165,7 @@ def _plot(rows, path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 3))
     names = [r[0] for r in rows]
     values = [r[1] for r in rows]
-    bars = ax.barh(names[::-1], values[::-1], color=["#888", "#c44", "#e88", "#48c"][::-1])
+    bars = ax.barh(names[::-1], values[::-1], color=["#888", "#c44", "#d99", "#e88", "#48c"][::-1])
     for bar, row in zip(bars, rows[::-1]):
         ax.text(
             bar.get_width(),
@@ -154,6 +188,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", choices=["tiny", "sdxl"], default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--resolution", type=int, default=None, help="image size (default 64 tiny, 1024 sdxl)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--teacher_steps", type=int, default=25)
     parser.add_argument("--quick", action="store_true", help="3 repeats, 5 teacher steps: checks the machinery")
@@ -162,7 +197,8 @@ def main(argv=None) -> dict:
     if args.quick:
         args.repeats, args.teacher_steps = 3, 5
     torch.manual_seed(0)
-    return run(args.size, args.device, getattr(torch, args.dtype), args.repeats, args.teacher_steps, args.output)
+    dtype = getattr(torch, args.dtype)
+    return run(args.size, args.device, dtype, args.repeats, args.teacher_steps, args.output, args.resolution)
 
 
 if __name__ == "__main__":

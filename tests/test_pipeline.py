@@ -202,3 +202,30 @@ def test_fp16_variant_save(pipe, tmp_path):
     ref = DisBackPipeline.from_pretrained(tmp_path)
     for (name, a), b in zip(p16.unet.state_dict().items(), ref.unet.state_dict().values()):
         torch.testing.assert_close(a, b.half(), msg=name)
+
+
+def test_non_default_conditioning_timestep_survives_the_layout(components, tmp_path):
+    components["scheduler"] = DisBackScheduler(conditioning_timestep=300)
+    DisBackPipeline(**components).save_pretrained(tmp_path)
+    sched = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["conditioning_timestep"] == 300
+    loaded = DisBackPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    loaded("a cat", output_type="latent")
+    assert loaded.scheduler.timesteps.tolist() == [300]
+
+
+def test_execution_device_agrees_with_diffusers_with_and_without_hooks(pipe):
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+
+    stock = StableDiffusionXLPipeline._execution_device.fget
+    assert pipe._execution_device == stock(pipe) == torch.device("cpu")
+    add_hook_to_module(pipe.unet, AlignDevicesHook(execution_device="meta"))
+    add_hook_to_module(pipe.vae, AlignDevicesHook(execution_device="meta"))
+    add_hook_to_module(pipe.text_encoder, AlignDevicesHook(execution_device="meta"))
+    add_hook_to_module(pipe.text_encoder_2, AlignDevicesHook(execution_device="meta"))
+    try:
+        assert pipe._execution_device == stock(pipe) == torch.device("meta")
+    finally:
+        for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            remove_hook_from_module(m)

@@ -6,6 +6,7 @@
 """DisBackPipeline: one-step text-to-image generation with an SDXL generator distilled by DisBack (or DMD2)."""
 
 import importlib
+import inspect
 import json
 import os
 import shutil
@@ -278,9 +279,14 @@ def write_disback_layout(save_directory: str | os.PathLike, scheduler=None) -> N
         sched_path = os.path.join(save_directory, "scheduler", "scheduler_config.json")
         with open(sched_path, encoding="utf-8") as f:
             sched = json.load(f)
+        # keep only the DisBack keys (a config converted from SDXL's Euler carries keys LCMScheduler warns about);
+        # the conditioning timestep only where it differs from the default both loaders assume
+        keep = set(inspect.signature(DisBackScheduler.__init__).parameters) | {"_diffusers_version"}
+        sched = {k: v for k, v in sched.items() if k in keep}
+        if sched.get("conditioning_timestep") == 399:
+            del sched["conditioning_timestep"]
         sched["_class_name"] = STOCK_SCHEDULER[1]
         sched["original_inference_steps"] = sched.get("num_train_timesteps", 1000)
-        sched.setdefault("conditioning_timestep", 399)
         _write_json(sched_path, sched)
     _write_json(index_path, index)
 

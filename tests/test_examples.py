@@ -1,0 +1,39 @@
+"""The demo and the benchmarks' quick modes run and report what they claim."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_inference_benchmark_quick(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import inference
+    finally:
+        sys.path.pop(0)
+    png = tmp_path / "inference.png"
+    medians = inference.main(["--quick", "--output", str(png)])
+    assert set(medians) == {
+        "bare passes (text enc + 1 UNet + VAE)",
+        "DisBack 1-step",
+        "DisBack 1-step, stock _execution_device",
+        "DisBack 1-step + tiny VAE",
+        "teacher 5-step CFG 5",
+    }
+    assert all(v > 0 for v in medians.values())
+    assert png.stat().st_size > 1000
+
+
+def test_demo(tmp_path):
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "demo.py"), "--output_dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "sample_one_step.png").is_file()
+    assert "max pixel difference to DisBackPipeline = 0/255" in out.stdout
+    assert (tmp_path / "disback-tiny" / "README.md").is_file()
