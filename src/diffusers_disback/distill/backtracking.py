@@ -1,0 +1,140 @@
+"""Stage 2, distribution backtracking: the generator chases targets that walk the recorded path back to the teacher.
+
+With the reversed path `R = [P_N, ..., P_1, P_0]` (`R[0]` the most degraded node, `R[N]` the teacher), the fake score
+starts at `R[0]` and the distribution-matching target starts at `R[1]`; every `K` generator updates the target moves
+one node toward the teacher, and once it is the teacher it stays there (paper Sec. 3.3, Alg. 1).
+
+The public reference loop compares its switch against the running step, so it fires at most once, and its pseudocode
+tests `idx // interval == 0` (true only while `idx < interval`) where `idx % interval == 0` was meant. Here the
+target is a pure function of the number of generator updates (fixed rule), or advances on a measured signal
+(adaptive rule), and the schedule's state is saved and restored with every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class BacktrackingSchedule:
+    """
+    Which path node the generator is matched against.
+
+    Args:
+        num_nodes: nodes in the path including the teacher (`N + 1`); 2 means "last node, then teacher" (the warm
+            control), 1 means "teacher only" (plain DMD).
+        interval: `K`: generator updates per node (fixed rule; the adaptive rule's upper bound). SDXL: 1000.
+        rule: `"fixed"` (the paper: advance every `interval` updates) or `"adaptive"` (advance when the generator has
+            caught up with the current target: the distance reported to [`step`] fell below `threshold` times its
+            value when the target was set, after at least `min_interval` updates; and at the latest after
+            `interval` updates).
+        threshold: adaptive rule: the fraction of the initial distance at which the target advances.
+        min_interval: adaptive rule: the least updates spent on a node.
+        ema: adaptive rule: smoothing of the reported distance (weight of the history).
+
+    The target, as an index into the reversed path `R` (`1..N`; `N` is the teacher), is [`target`]; as a node index
+    of the recorded path (`N-1..0`; 0 is the teacher) it is [`target_node`].
+
+    Example:
+        ```py
+        >>> schedule = BacktrackingSchedule(num_nodes=11, interval=1000)
+        >>> schedule.target_node   # P_9: one step back from the most degraded node P_10
+        9
+        >>> for _ in range(10_000):
+        ...     schedule.step()
+        >>> schedule.target_node, schedule.at_teacher
+        (0, True)
+        ```
+    """
+
+    num_nodes: int
+    interval: int = 1000
+    rule: str = "fixed"
+    threshold: float = 0.5
+    min_interval: int = 1
+    ema: float = 0.9
+    # state
+    updates: int = 0
+    target: int = 1
+    updates_on_target: int = 0
+    reference_distance: float | None = None
+    smoothed_distance: float | None = None
+
+    def __post_init__(self):
+        if self.num_nodes < 1:
+            raise ValueError(f"num_nodes must be >= 1 (the teacher alone is 1), got {self.num_nodes}")
+        if self.interval < 1:
+            raise ValueError(f"interval must be >= 1, got {self.interval}")
+        if self.rule not in ("fixed", "adaptive"):
+            raise ValueError(f"rule must be 'fixed' or 'adaptive', got {self.rule!r}")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
+        if self.num_nodes == 1:
+            self.target = 0  # DMD: the teacher is R[0] and the only target
+
+    @property
+    def last(self) -> int:
+        """The index of the teacher in the reversed path (`N`)."""
+        return self.num_nodes - 1
+
+    @property
+    def target_node(self) -> int:
+        """The current target as a node index of the recorded path (`P_i`; 0 is the teacher)."""
+        return self.last - self.target
+
+    @property
+    def at_teacher(self) -> bool:
+        return self.target == self.last
+
+    def step(self, distance: float | None = None) -> bool:
+        """
+        Records one generator update (call it after the update) and advances the target if the rule says so.
+        `distance`: the adaptive rule's signal for this update (e.g. `dm_distance` of `distribution_matching_step`).
+        Returns whether the target changed.
+        """
+        self.updates += 1
+        self.updates_on_target += 1
+        if self.at_teacher:
+            return False
+        if self.rule == "fixed":
+            advance = self.updates_on_target >= self.interval
+        else:
+            if distance is None:
+                raise ValueError("the adaptive rule needs the `distance` of each update")
+            d = float(distance)
+            self.smoothed_distance = d if self.smoothed_distance is None else (
+                self.ema * self.smoothed_distance + (1 - self.ema) * d
+            )
+            if self.reference_distance is None:
+                self.reference_distance = self.smoothed_distance
+            caught_up = self.smoothed_distance <= self.threshold * self.reference_distance
+            advance = self.updates_on_target >= self.interval or (
+                caught_up and self.updates_on_target >= self.min_interval
+            )
+        if advance:
+            self.target += 1
+            self.updates_on_target = 0
+            self.reference_distance = None
+            self.smoothed_distance = None
+        return advance
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume mid-path (saved with each checkpoint)."""
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores [`state_dict`]; the path length and rule must match the run being resumed."""
+        for key in ("num_nodes", "rule"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"checkpoint's backtracking schedule has {key}={state[key]!r}, this run has {getattr(self, key)!r}"
+                )
+        for key, value in state.items():
+            setattr(self, key, value)
+
+    @classmethod
+    def fixed_target_at(cls, num_nodes: int, interval: int, updates: int) -> int:
+        """The fixed rule in closed form: the reversed-path target after `updates` generator updates."""
+        if num_nodes == 1:
+            return 0
+        return min(1 + updates // interval, num_nodes - 1)

@@ -1,0 +1,396 @@
+"""Stage 1, degradation recording: fine-tune a copy of the teacher on the initial generator's samples and keep a path.
+
+The path `P_0 = teacher, P_1, ..., P_N` holds snapshots of the degrading score `s_theta'` (paper Sec. 3.2). A node is
+either the full state dict of `s_theta'` or, when `s_theta'` is trained as a LoRA adapter on the teacher, that
+adapter's weights (a few percent of the bytes; switching nodes is then an adapter switch, not a reload).
+
+On disk::
+
+    path_dir/
+      path_manifest.json     format, kind, teacher architecture fingerprint, LoRA config, nodes (index, step, kind,
+                             file, sha256, bytes)
+      node_001.safetensors   P_1 (full state dict, or the LoRA adapter's weights)
+      ...
+
+`P_0` is the teacher itself and is never stored. Every write is atomic (temporary file, then rename), so a run killed
+mid-write leaves the previous manifest and nodes intact. Loading verifies sha256 and loads strictly.
+
+The public reference code appended the live model to its path list (a reference, not a snapshot) and loaded nodes
+with `strict=False` after saving them with wrapper prefixes, so nothing loaded. Here a node is a copy written to
+disk, and a node that does not match the model is an error that names the keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST_NAME = "path_manifest.json"
+FORMAT_VERSION = 1
+NODE_KINDS = ("full", "lora")
+LORA_ADAPTER = "degradation"
+
+
+class PathError(ValueError):
+    """A degradation path that is missing, corrupt, or does not fit the model it is used with."""
+
+
+@dataclass
+class PathNode:
+    """One node of the path: `index` 0 is the teacher (no file); `step` is the stage-1 step it was taken at."""
+
+    index: int
+    step: int
+    kind: str  # "teacher" | "full" | "lora"
+    file: str | None = None
+    sha256: str | None = None
+    num_bytes: int = 0
+
+
+@dataclass
+class DegradationPath:
+    """
+    A recorded degradation path (see the module docstring). Build one with [`DegradationPath.create`] and
+    [`DegradationPath.add_node`] during stage 1; open one with [`DegradationPath.load`].
+    """
+
+    directory: str
+    kind: str
+    architecture: dict
+    nodes: list[PathNode] = field(default_factory=list)
+    lora_config: dict | None = None
+
+    # ------------------------------------------------------------------------------------------------ writing
+
+    @classmethod
+    def create(
+        cls, directory: str | os.PathLike, teacher: torch.nn.Module, kind: str = "full", lora_config=None
+    ) -> DegradationPath:
+        """
+        Starts a path whose node 0 is `teacher`. `kind="lora"` needs the peft `LoraConfig` the degrading copy is
+        trained with (see [`add_lora_adapter`]). Refuses a folder that already holds a path.
+        """
+        if kind not in NODE_KINDS:
+            raise ValueError(f"kind must be one of {NODE_KINDS}, got {kind!r}")
+        if kind == "lora" and lora_config is None:
+            raise ValueError("a LoRA path needs the `lora_config` its adapter is trained with")
+        directory = os.fspath(directory)
+        if os.path.exists(os.path.join(directory, MANIFEST_NAME)):
+            raise PathError(
+                f"{directory} already holds a degradation path; open it with DegradationPath.load or choose another "
+                "folder (nothing was overwritten)."
+            )
+        os.makedirs(directory, exist_ok=True)
+        config = _lora_config_to_dict(lora_config) if lora_config is not None else None
+        path = cls(directory, kind, architecture_fingerprint(teacher), [PathNode(0, 0, "teacher")], config)
+        path._write_manifest()
+        return path
+
+    def add_node(self, model: torch.nn.Module, step: int) -> PathNode:
+        """
+        Snapshots `model` (the degrading copy `s_theta'`) as the next node: its full state dict, or for a LoRA path
+        the weights of its `degradation` adapter. Written atomically; returns the new node.
+        """
+        if step <= self.nodes[-1].step and len(self.nodes) > 1:
+            raise ValueError(f"node steps must increase: last node was at step {self.nodes[-1].step}, got {step}")
+        if self.kind == "full":
+            state = model.state_dict()
+            if any("lora_" in k for k in state):
+                raise PathError("this is a full-weight path but the model carries LoRA layers; use kind='lora'")
+            _check_architecture(self.architecture, model)
+        else:
+            from peft import get_peft_model_state_dict
+
+            state = get_peft_model_state_dict(model, adapter_name=LORA_ADAPTER)
+            if not state:
+                raise PathError(f"the model has no LoRA adapter named {LORA_ADAPTER!r}; see add_lora_adapter")
+            _check_architecture(self.architecture, model)
+        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+        index = len(self.nodes)
+        file = f"node_{index:03d}.safetensors"
+        target = os.path.join(self.directory, file)
+        tmp = target + ".tmp"
+        save_file(state, tmp, metadata={"index": str(index), "step": str(step), "kind": self.kind})
+        os.replace(tmp, target)
+        node = PathNode(index, int(step), self.kind, file, _sha256(target), os.path.getsize(target))
+        self.nodes.append(node)
+        self._write_manifest()
+        return node
+
+    def _write_manifest(self) -> None:
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "architecture": self.architecture,
+            "lora_config": self.lora_config,
+            "nodes": [asdict(n) for n in self.nodes],
+        }
+        target = os.path.join(self.directory, MANIFEST_NAME)
+        tmp = target + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, target)
+
+    # ------------------------------------------------------------------------------------------------ reading
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, verify: bool = True) -> DegradationPath:
+        """Opens a path; with `verify=True` every node file is checked against the manifest's sha256 and size."""
+        directory = os.fspath(directory)
+        manifest_path = os.path.join(directory, MANIFEST_NAME)
+        if not os.path.isfile(manifest_path):
+            raise PathError(f"no degradation path at {directory}: {MANIFEST_NAME} is missing")
+        try:
+            with open(manifest_path, encoding="utf-8") as f:
+                manifest = json.load(f)
+            nodes = [PathNode(**n) for n in manifest["nodes"]]
+            path = cls(directory, manifest["kind"], manifest["architecture"], nodes, manifest.get("lora_config"))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise PathError(f"{manifest_path} is not a valid path manifest ({type(e).__name__}: {e})") from e
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise PathError(f"{manifest_path} has format_version {manifest.get('format_version')}, expected 1")
+        if [n.index for n in nodes] != list(range(len(nodes))) or not nodes or nodes[0].kind != "teacher":
+            raise PathError(f"{manifest_path}: nodes must be numbered 0..N with node 0 the teacher")
+        if verify:
+            path.verify()
+        return path
+
+    def verify(self) -> None:
+        """Checks that every node file exists and matches the manifest (size and sha256)."""
+        for node in self.nodes[1:]:
+            file = os.path.join(self.directory, node.file)
+            if not os.path.isfile(file):
+                raise PathError(f"node {node.index} (step {node.step}) is missing: {file} does not exist")
+            size = os.path.getsize(file)
+            if size != node.num_bytes or _sha256(file) != node.sha256:
+                raise PathError(
+                    f"node {node.index} (step {node.step}) at {file} does not match the manifest "
+                    f"({size} bytes vs {node.num_bytes} recorded, or a different sha256): it is corrupt or was "
+                    "replaced. Re-run degradation recording or restore the file."
+                )
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes of all stored nodes."""
+        return sum(n.num_bytes for n in self.nodes)
+
+    def node_state_dict(self, index: int, verify: bool = True) -> dict[str, torch.Tensor]:
+        """The tensors of node `index` (>= 1), after checking its sha256."""
+        if index == 0:
+            raise PathError("node 0 is the teacher itself: use the teacher's weights")
+        node = self.nodes[index]
+        file = os.path.join(self.directory, node.file)
+        if verify and (not os.path.isfile(file) or _sha256(file) != node.sha256):
+            raise PathError(f"node {index} at {file} is missing or does not match its sha256 in the manifest")
+        return load_file(file)
+
+    def load_node(self, model: torch.nn.Module, index: int, adapter_name: str = LORA_ADAPTER) -> None:
+        """
+        Loads node `index` into `model`, strictly: a full node replaces all weights; a LoRA node sets the weights of
+        `adapter_name` (which must exist on `model`).
+        """
+        _check_architecture(self.architecture, model)
+        state = self.node_state_dict(index)
+        if self.kind == "full":
+            _load_strict(model, state, f"node {index}")
+        else:
+            _load_lora_strict(model, state, adapter_name, f"node {index}")
+
+    def reversed_nodes(self) -> list[int]:
+        """The backtracking order `R = [P_N, ..., P_1, P_0]` as node indices: `R[0]` most degraded, `R[N]` the
+        teacher."""
+        return [n.index for n in reversed(self.nodes)]
+
+
+# ------------------------------------------------------------------------------------------------------ LoRA
+
+
+def add_lora_adapter(model: torch.nn.Module, lora_config, adapter_name: str = LORA_ADAPTER) -> torch.nn.Module:
+    """Injects a trainable peft LoRA adapter into any `nn.Module` (the degrading copy of the teacher)."""
+    from peft import inject_adapter_in_model
+
+    return inject_adapter_in_model(lora_config, model, adapter_name=adapter_name)
+
+
+def lora_parameters(model: torch.nn.Module, adapter_name: str = LORA_ADAPTER) -> list[torch.nn.Parameter]:
+    """The parameters of one LoRA adapter (to hand to the optimizer); the rest of the model stays frozen."""
+    return [p for n, p in model.named_parameters() if f".{adapter_name}." in n and "lora_" in n]
+
+
+class NodeSwitcher:
+    """
+    Gives the score network of any path node while holding at most one extra copy of the weights.
+
+    - LoRA path: every node is loaded once as its own adapter (`node_1`, ..., `node_N`) into `model`, a copy of the
+      teacher; `activate(i)` switches adapters (`activate(0)` disables them: the teacher). No tensors move.
+    - Full path: `activate(i)` copies node `i`'s weights into `model` (kept in memory after the first read when
+      `cache=True`); `activate(0)` returns `teacher`.
+
+    Args:
+        path: the [`DegradationPath`].
+        model: the module that becomes the target (LoRA: a copy of the teacher, or the teacher itself; full: a module
+            of the teacher's architecture).
+        teacher: the teacher module (full paths: the node-0 score).
+        cache: full paths: keep the node tensors in CPU memory after the first read.
+    """
+
+    def __init__(self, path: DegradationPath, model: torch.nn.Module, teacher: torch.nn.Module | None = None,
+                 cache: bool = True):
+        self.path = path
+        self.model = model
+        self.teacher = teacher
+        self.cache = cache
+        self._cached: dict[int, dict[str, torch.Tensor]] = {}
+        self.active: int | None = None
+        _check_architecture(path.architecture, model)
+        if path.kind == "lora":
+            from peft import LoraConfig
+
+            config = LoraConfig(**path.lora_config)
+            for node in path.nodes[1:]:
+                add_lora_adapter(model, config, adapter_name=f"node_{node.index}")
+                _load_lora_strict(model, path.node_state_dict(node.index), f"node_{node.index}", f"node {node.index}")
+            model.requires_grad_(False)
+        elif teacher is None:
+            raise ValueError("a full-weight path needs `teacher` for node 0")
+
+    def activate(self, index: int) -> torch.nn.Module:
+        """Makes node `index` the active target and returns the module to call."""
+        if not 0 <= index < len(self.path):
+            raise IndexError(f"node {index} is not in the path (nodes 0..{len(self.path) - 1})")
+        if self.path.kind == "lora":
+            _set_active_adapter(self.model, None if index == 0 else f"node_{index}")
+            self.active = index
+            return self.model
+        if index == 0:
+            self.active = 0
+            return self.teacher
+        if self.active != index:
+            state = self._cached.get(index) or self.path.node_state_dict(index)
+            if self.cache:
+                self._cached[index] = state
+            _load_strict(self.model, state, f"node {index}")
+            self.active = index
+        return self.model
+
+
+def _set_active_adapter(model: torch.nn.Module, adapter_name: str | None) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            if adapter_name is None:
+                module.enable_adapters(False)
+            else:
+                module.enable_adapters(True)
+                module.set_adapter(adapter_name)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def architecture_fingerprint(model: torch.nn.Module) -> dict:
+    """Class name, parameter count and a hash of the base (non-LoRA) keys and shapes: what a path must match."""
+    shapes = sorted((_base_key(k), tuple(v.shape)) for k, v in model.state_dict().items() if "lora_" not in k)
+    digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()
+    count = sum(math.prod(s) for _, s in shapes)
+    return {"class": type(model).__name__, "num_parameters": count, "keys_sha256": digest}
+
+
+def _base_key(key: str) -> str:
+    # peft wraps a target layer: `to_q.weight` becomes `to_q.base_layer.weight`
+    return key.replace(".base_layer.", ".")
+
+
+def _check_architecture(expected: dict, model: torch.nn.Module) -> None:
+    found = architecture_fingerprint(model)
+    if found["keys_sha256"] != expected["keys_sha256"]:
+        raise PathError(
+            f"this path was recorded from a different teacher architecture: {expected['class']} with "
+            f"{expected['num_parameters']:,} parameters, but the model is {found['class']} with "
+            f"{found['num_parameters']:,} (keys/shapes differ). Use the teacher the path was recorded from."
+        )
+
+
+def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    expected = model.state_dict()
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    if missing or unexpected:
+        raise PathError(
+            f"{what} does not match the model: {len(missing)} missing keys {sorted(missing)[:5]}, "
+            f"{len(unexpected)} unexpected keys {sorted(unexpected)[:5]}"
+        )
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(state[k])
+
+
+def _load_lora_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], adapter_name: str, what: str) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    missing = [k for k in (getattr(result, "missing_keys", []) or []) if f".{adapter_name}." in k and "lora_" in k]
+    if missing or unexpected:
+        raise PathError(
+            f"{what} does not match adapter {adapter_name!r}: {len(missing)} missing keys {missing[:5]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:5]}"
+        )
+
+
+def _sha256(file: str) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _lora_config_to_dict(config) -> dict:
+    keys = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "init_lora_weights", "use_rslora")
+    out = {}
+    for k in keys:
+        v = getattr(config, k, None)
+        if isinstance(v, set):
+            v = sorted(v)
+        out[k] = v
+    return out
+
+
+def node_steps(num_steps: int, interval: int | None = None, num_nodes: int | None = None, spacing: str = "uniform"):
+    """
+    The stage-1 steps after which a node is taken; the last step always ends the path.
+
+    - `interval=K`: every K steps and at the end (the paper's rule: N1 = 1000, K1 = 100 gives 10 nodes).
+    - `num_nodes=N, spacing="uniform"`: N nodes evenly spaced; `spacing="log"`: N nodes log-spaced, dense early,
+      where stage 1 moves fastest (measured: uniform nodes cluster near the initial generator).
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if (interval is None) == (num_nodes is None):
+        raise ValueError("give exactly one of `interval` and `num_nodes`")
+    if interval is not None:
+        if interval < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}")
+        steps = list(range(interval, num_steps + 1, interval))
+    else:
+        if not 1 <= num_nodes <= num_steps:
+            raise ValueError(f"num_nodes must lie in [1, {num_steps}], got {num_nodes}")
+        if spacing == "uniform":
+            steps = [round(num_steps * (i + 1) / num_nodes) for i in range(num_nodes)]
+        elif spacing == "log":
+            steps = [round(num_steps ** ((i + 1) / num_nodes)) for i in range(num_nodes)]
+        else:
+            raise ValueError(f"spacing must be 'uniform' or 'log', got {spacing!r}")
+    steps = sorted({max(1, s) for s in steps} | {num_steps})
+    return steps
