@@ -108,9 +108,7 @@ def train_teacher(
 
 
 @torch.no_grad()
-def ddim_sample(
-    score: Score, noise: torch.Tensor, cond, steps: int = 50, guidance_scale: float = 1.0
-) -> torch.Tensor:
+def ddim_sample(score: Score, noise: torch.Tensor, cond, steps: int = 50, guidance_scale: float = 1.0) -> torch.Tensor:
     """Deterministic DDIM sampling from the teacher: the multi-step reference the one-step students are held to."""
     T = score.schedule.num_train_timesteps
     ts = torch.linspace(T - 1, 0, steps).round().long()
@@ -183,8 +181,9 @@ def _make_generator(teacher: EpsMLP, cfg: DistillConfig) -> EpsMLP:
         gen = copy.deepcopy(teacher)
     elif cfg.generator_init == "scratch":
         torch.manual_seed(cfg.seed + 1000)
-        gen = EpsMLP(teacher.dim, teacher.net[0].out_features, (len(teacher.net) - 1) // 2, teacher.num_classes,
-                     teacher.T)
+        gen = EpsMLP(
+            teacher.dim, teacher.net[0].out_features, (len(teacher.net) - 1) // 2, teacher.num_classes, teacher.T
+        )
     else:
         raise ValueError(f"generator_init must be 'teacher' or 'scratch', got {cfg.generator_init!r}")
     return gen.train().requires_grad_(True)
@@ -226,8 +225,13 @@ def run_distillation(
             metrics = evaluate(lambda noise, cond: gen_fn(noise, cond))
         generator.train()
         history.rows.append(
-            {"generator_updates": gen_updates, "iterations": iterations, "seconds": seconds,
-             "target_node": target_node, **metrics}
+            {
+                "generator_updates": gen_updates,
+                "iterations": iterations,
+                "seconds": seconds,
+                "target_node": target_node,
+                **metrics,
+            }
         )
 
     # ---------------------------------------------------------------- stage 1: degradation recording
@@ -342,8 +346,14 @@ def run_distillation(
         target = target_score()
         fake.eval()
         loss_gen, info = distribution_matching_step(
-            x0, cond, target, fake_score, guidance_scale=guidance_for(target),
-            min_step=cfg.min_step, max_step=cfg.max_step, generator=g,
+            x0,
+            cond,
+            target,
+            fake_score,
+            guidance_scale=guidance_for(target),
+            min_step=cfg.min_step,
+            max_step=cfg.max_step,
+            generator=g,
         )
         fake.train()
         opt_gen.zero_grad(set_to_none=True)
@@ -353,7 +363,9 @@ def run_distillation(
         schedule_.step(distance=float(info["dm_distance"]))
         train_seconds += time.perf_counter() - t0
         if gen_updates % cfg.eval_every == 0 or gen_updates == cfg.generator_updates:
-            evaluate_now(gen_updates, iterations, train_seconds, schedule_.target_node if schedule_.num_nodes > 1 else 0)
+            evaluate_now(
+                gen_updates, iterations, train_seconds, schedule_.target_node if schedule_.num_nodes > 1 else 0
+            )
     workdir.cleanup()
     return history
 
@@ -361,8 +373,9 @@ def run_distillation(
 def _strip_lora(model_with_merged_lora: nn.Module, teacher: EpsMLP) -> EpsMLP:
     """A plain copy of the teacher's architecture carrying the merged weights of a LoRA-wrapped model."""
     plain = copy.deepcopy(teacher)
-    merged = {k.replace(".base_layer.", "."): v for k, v in model_with_merged_lora.state_dict().items()
-              if "lora_" not in k}
+    merged = {
+        k.replace(".base_layer.", "."): v for k, v in model_with_merged_lora.state_dict().items() if "lora_" not in k
+    }
     plain.load_state_dict(merged, strict=True)
     return plain
 

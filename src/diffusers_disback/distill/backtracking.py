@@ -102,8 +102,8 @@ class BacktrackingSchedule:
             if distance is None:
                 raise ValueError("the adaptive rule needs the `distance` of each update")
             d = float(distance)
-            self.smoothed_distance = d if self.smoothed_distance is None else (
-                self.ema * self.smoothed_distance + (1 - self.ema) * d
+            self.smoothed_distance = (
+                d if self.smoothed_distance is None else (self.ema * self.smoothed_distance + (1 - self.ema) * d)
             )
             if self.reference_distance is None:
                 self.reference_distance = self.smoothed_distance

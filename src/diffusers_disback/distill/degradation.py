@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -244,8 +245,9 @@ class NodeSwitcher:
         cache: full paths: keep the node tensors in CPU memory after the first read.
     """
 
-    def __init__(self, path: DegradationPath, model: torch.nn.Module, teacher: torch.nn.Module | None = None,
-                 cache: bool = True):
+    def __init__(
+        self, path: DegradationPath, model: torch.nn.Module, teacher: torch.nn.Module | None = None, cache: bool = True
+    ):
         self.path = path
         self.model = model
         self.teacher = teacher
@@ -258,7 +260,9 @@ class NodeSwitcher:
 
             config = LoraConfig(**path.lora_config)
             for node in path.nodes[1:]:
-                add_lora_adapter(model, config, adapter_name=f"node_{node.index}")
+                with warnings.catch_warnings():  # peft warns on every adapter after the first: that is the point
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                    add_lora_adapter(model, config, adapter_name=f"node_{node.index}")
                 _load_lora_strict(model, path.node_state_dict(node.index), f"node_{node.index}", f"node {node.index}")
             model.requires_grad_(False)
         elif teacher is None:

@@ -38,9 +38,7 @@ def denoising_score_matching_loss(
     return F.mse_loss(score.eps(x_t, t, cond).float(), noise.float())
 
 
-def distribution_matching_gradient(
-    x0: torch.Tensor, x0_target: torch.Tensor, x0_fake: torch.Tensor
-) -> torch.Tensor:
+def distribution_matching_gradient(x0: torch.Tensor, x0_target: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
     """
     The per-sample normalised distribution-matching direction of DMD2 (DisBack Eq. 8):
     `p_tgt = x0 - x0_hat_tgt`, `p_fake = x0 - x0_hat_fake`, `g = (p_tgt - p_fake) / mean_{C,H,W} |p_tgt|`.
