@@ -37,3 +37,19 @@ def test_demo(tmp_path):
     assert (tmp_path / "sample_one_step.png").is_file()
     assert "max pixel difference to DisBackPipeline = 0/255" in out.stdout
     assert (tmp_path / "disback-tiny" / "README.md").is_file()
+
+
+def test_path_nodes_benchmark_quick():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import path_nodes
+    finally:
+        sys.path.pop(0)
+    results = path_nodes.main(["--quick", "--num_nodes", "2"])
+    tiny, sdxl = results[("tiny", 4)], results[("sdxl", 4)]
+    assert tiny["lora"]["node_bytes"] < 0.05 * tiny["full"]["node_bytes"]
+    assert tiny["lora_params"] == path_nodes.lora_numel(
+        path_nodes.UNet2DConditionModel(**path_nodes.TINY_UNET_CONFIG), 4
+    )
+    assert sdxl["params"] == 2_567_463_684  # SDXL base UNet
+    assert sdxl["lora_bytes"] < 0.05 * sdxl["full_bytes"]

@@ -265,6 +265,9 @@ class NodeSwitcher:
                     add_lora_adapter(model, config, adapter_name=f"node_{node.index}")
                 _load_lora_strict(model, path.node_state_dict(node.index), f"node_{node.index}", f"node {node.index}")
             model.requires_grad_(False)
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._lora_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
         elif teacher is None:
             raise ValueError("a full-weight path needs `teacher` for node 0")
 
@@ -273,7 +276,8 @@ class NodeSwitcher:
         if not 0 <= index < len(self.path):
             raise IndexError(f"node {index} is not in the path (nodes 0..{len(self.path) - 1})")
         if self.path.kind == "lora":
-            _set_active_adapter(self.model, None if index == 0 else f"node_{index}")
+            if index != self.active:
+                _set_active_adapter(self._lora_layers, None if index == 0 else f"node_{index}")
             self.active = index
             return self.model
         if index == 0:
@@ -288,16 +292,14 @@ class NodeSwitcher:
         return self.model
 
 
-def _set_active_adapter(model: torch.nn.Module, adapter_name: str | None) -> None:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            if adapter_name is None:
-                module.enable_adapters(False)
-            else:
+def _set_active_adapter(layers: list, adapter_name: str | None) -> None:
+    for module in layers:
+        if adapter_name is None:
+            module.enable_adapters(False)
+        else:
+            if module.disable_adapters:
                 module.enable_adapters(True)
-                module.set_adapter(adapter_name)
+            module.set_adapter(adapter_name, inference_mode=True)  # targets stay frozen
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
