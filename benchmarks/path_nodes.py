@@ -127,17 +127,7 @@ def main(argv=None) -> dict:
     for rank in args.ranks:
         m = measure(TINY_UNET_CONFIG, args.num_nodes, rank, args.repeats)
         results[("tiny", rank)] = m
-        rows.append(
-            (
-                "tiny UNet (measured, fp32)",
-                rank,
-                m["params"],
-                m["full"]["node_bytes"],
-                m["lora"]["node_bytes"],
-                m["full"]["switch_ms"],
-                m["lora"]["switch_ms"],
-            )
-        )
+        rows.append(_measured_row("tiny UNet (measured, fp32)", rank, m))
     for rank in args.ranks:
         p = on_paper(rank, bytes_per_param=4)
         results[("sdxl", rank)] = p
@@ -146,17 +136,7 @@ def main(argv=None) -> dict:
         for rank in args.ranks[-1:]:
             m = measure(SDXL_UNET_CONFIG, 2, rank, max(3, args.repeats // 5), dtype=torch.bfloat16)
             results[("sdxl-measured", rank)] = m
-            rows.append(
-                (
-                    "SDXL UNet (measured, bf16)",
-                    rank,
-                    m["params"],
-                    m["full"]["node_bytes"],
-                    m["lora"]["node_bytes"],
-                    m["full"]["switch_ms"],
-                    m["lora"]["switch_ms"],
-                )
-            )
+            rows.append(_measured_row("SDXL UNet (measured, bf16)", rank, m))
 
     print(
         f"\npath nodes: {args.num_nodes} nodes, LoRA on {'/'.join(TARGETS)}, switch = median over "
@@ -172,6 +152,11 @@ def main(argv=None) -> dict:
             f"{lora_b / full_b:.2%} | {fs} | {ls} |"
         )
     return results
+
+
+def _measured_row(name: str, rank: int, m: dict) -> tuple:
+    full, lora = m["full"], m["lora"]
+    return (name, rank, m["params"], full["node_bytes"], lora["node_bytes"], full["switch_ms"], lora["switch_ms"])
 
 
 def _fmt_bytes(n: int) -> str:

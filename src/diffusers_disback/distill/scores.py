@@ -36,14 +36,12 @@ class NoiseSchedule:
         beta_end: float = 0.012,
         beta_schedule: str = "scaled_linear",
     ) -> NoiseSchedule:
-        """SDXL's schedule by default (`scaled_linear`, beta 0.00085 -> 0.012, T = 1000)."""
-        if beta_schedule == "scaled_linear":
-            betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-        elif beta_schedule == "linear":
-            betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
-        else:
+        """SDXL's schedule by default (`scaled_linear`, beta 0.00085 -> 0.012, T = 1000), as diffusers computes it."""
+        from diffusers import DDPMScheduler
+
+        if beta_schedule not in ("linear", "scaled_linear"):
             raise ValueError(f"beta_schedule must be 'linear' or 'scaled_linear', got {beta_schedule!r}")
-        return cls(torch.cumprod(1.0 - betas, dim=0))
+        return cls.from_scheduler(DDPMScheduler(num_train_timesteps, beta_start, beta_end, beta_schedule))
 
     @classmethod
     def from_scheduler(cls, scheduler) -> NoiseSchedule:
