@@ -93,25 +93,30 @@ class DegradationPath:
         path._write_manifest()
         return path
 
-    def add_node(self, model: torch.nn.Module, step: int) -> PathNode:
+    def add_node(self, model: torch.nn.Module | dict[str, torch.Tensor], step: int) -> PathNode:
         """
-        Snapshots `model` (the degrading copy `s_theta'`) as the next node: its full state dict, or for a LoRA path
-        the weights of its `degradation` adapter. Written atomically; returns the new node.
+        Snapshots the degrading copy `s_theta'` as the next node: its full state dict, or for a LoRA path the weights
+        of its `degradation` adapter. `model` may also be that state dict already gathered (e.g. by
+        `accelerator.get_state_dict` under FSDP). Written atomically; returns the new node.
         """
         if step <= self.nodes[-1].step and len(self.nodes) > 1:
             raise ValueError(f"node steps must increase: last node was at step {self.nodes[-1].step}, got {step}")
-        if self.kind == "full":
-            state = model.state_dict()
-            if any("lora_" in k for k in state):
-                raise PathError("this is a full-weight path but the model carries LoRA layers; use kind='lora'")
+        if isinstance(model, torch.nn.Module):
+            if self.kind == "full":
+                state = model.state_dict()
+            else:
+                from peft import get_peft_model_state_dict
+
+                state = get_peft_model_state_dict(model, adapter_name=LORA_ADAPTER)
             _check_architecture(self.architecture, model)
         else:
-            from peft import get_peft_model_state_dict
-
-            state = get_peft_model_state_dict(model, adapter_name=LORA_ADAPTER)
-            if not state:
-                raise PathError(f"the model has no LoRA adapter named {LORA_ADAPTER!r}; see add_lora_adapter")
-            _check_architecture(self.architecture, model)
+            state = dict(model)
+            if self.kind == "full" and _fingerprint_keys(state)["keys_sha256"] != self.architecture["keys_sha256"]:
+                raise PathError("the state dict does not match the teacher architecture this path was started from")
+        if self.kind == "full" and any("lora_" in k for k in state):
+            raise PathError("this is a full-weight path but the model carries LoRA layers; use kind='lora'")
+        if self.kind == "lora" and not state:
+            raise PathError(f"the model has no LoRA adapter named {LORA_ADAPTER!r}; see add_lora_adapter")
         state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
         index = len(self.nodes)
         file = f"node_{index:03d}.safetensors"
@@ -123,6 +128,22 @@ class DegradationPath:
         self.nodes.append(node)
         self._write_manifest()
         return node
+
+    def truncate(self, after_step: int) -> list[PathNode]:
+        """
+        Drops the nodes recorded after `after_step` (files and manifest entries) and returns them: a run resumed from
+        a checkpoint at that step records them again, so the path equals an uninterrupted run's.
+        """
+        dropped = [n for n in self.nodes[1:] if n.step > after_step]
+        if not dropped:
+            return []
+        self.nodes = [n for n in self.nodes if n.index == 0 or n.step <= after_step]
+        self._write_manifest()
+        for node in dropped:
+            file = os.path.join(self.directory, node.file)
+            if os.path.exists(file):
+                os.remove(file)
+        return dropped
 
     def _write_manifest(self) -> None:
         manifest = {
@@ -307,10 +328,13 @@ def _set_active_adapter(layers: list, adapter_name: str | None) -> None:
 
 def architecture_fingerprint(model: torch.nn.Module) -> dict:
     """Class name, parameter count and a hash of the base (non-LoRA) keys and shapes: what a path must match."""
-    shapes = sorted((_base_key(k), tuple(v.shape)) for k, v in model.state_dict().items() if "lora_" not in k)
+    return {"class": type(model).__name__, **_fingerprint_keys(model.state_dict())}
+
+
+def _fingerprint_keys(state: dict[str, torch.Tensor]) -> dict:
+    shapes = sorted((_base_key(k), tuple(v.shape)) for k, v in state.items() if "lora_" not in k)
     digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()
-    count = sum(math.prod(s) for _, s in shapes)
-    return {"class": type(model).__name__, "num_parameters": count, "keys_sha256": digest}
+    return {"num_parameters": sum(math.prod(s) for _, s in shapes), "keys_sha256": digest}
 
 
 def _base_key(key: str) -> str:

@@ -1,0 +1,659 @@
+#!/usr/bin/env python
+"""DisBack distillation of an SDXL teacher into a one-step generator, under `accelerate launch`.
+
+    accelerate launch examples/train_disback/train_disback_sdxl.py \\
+        --pretrained_teacher_model stabilityai/stable-diffusion-xl-base-1.0 \\
+        --train_data_files prompts.txt --stage all --output_dir disback-sdxl
+
+Stage 1 (degradation) fine-tunes a copy of the teacher on the initial generator's samples and writes the path
+(`OUTPUT_DIR/path`); stage 2 (backtracking) trains the generator with distribution matching against targets that walk
+the path back to the teacher, and writes the final pipeline (`OUTPUT_DIR/final`) in the Hub layout. The method lives
+in `diffusers_disback.distill`, the SDXL glue in `diffusers_disback.training`; this file is the loop.
+See examples/train_disback/README.md for accelerate configs (single, DDP, FSDP2, multi-node) and the paper's settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from diffusers_disback import DisBackPipeline, DisBackScheduler, load_unet_checkpoint
+from diffusers_disback.distill import (
+    BacktrackingSchedule,
+    DegradationPath,
+    NodeSwitcher,
+    NoiseSchedule,
+    Score,
+    add_lora_adapter,
+    denoising_score_matching_loss,
+    distribution_matching_step,
+    lora_parameters,
+    node_steps,
+    one_step_sample,
+)
+from diffusers_disback.hub import save_for_hub
+from diffusers_disback.training import BackgroundPusher, PromptStream, RunState, SDXLConditioner, unet_eps_fn
+
+logger = get_logger(__name__)
+STAGES = ("degradation", "backtracking")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="DisBack: distribution backtracking distillation of SDXL (both stages).")
+    # models
+    p.add_argument("--pretrained_teacher_model", required=True, help="SDXL teacher: Hub repo id or local folder")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--variant", default=None, help="teacher weights variant, e.g. fp16")
+    p.add_argument("--pretrained_generator", default=None,
+                   help="initial generator: a UNet folder/repo (with or without unet/), or a raw checkpoint file "
+                        "(e.g. DMD2's one-step UNet). Default: the teacher's UNet")
+    # stages and path
+    p.add_argument("--stage", choices=["degradation", "backtracking", "all"], default="all")
+    p.add_argument("--output_dir", default="disback-sdxl")
+    p.add_argument("--path_dir", default=None, help="where stage 1 writes / stage 2 reads the path (OUTPUT_DIR/path)")
+    p.add_argument("--degradation_steps", type=int, default=1000, help="N1: stage-1 steps (paper: 1000)")
+    p.add_argument("--path_interval", type=int, default=100, help="K1: a node every K1 stage-1 steps (paper: 100)")
+    p.add_argument("--num_path_nodes", type=int, default=None,
+                   help="instead of --path_interval: this many nodes, spaced by --path_node_spacing")
+    p.add_argument("--path_node_spacing", choices=["uniform", "log"], default="uniform")
+    p.add_argument("--path_node_type", choices=["full", "lora"], default="full")
+    p.add_argument("--path_lora_rank", type=int, default=64, help="rank of the degrading LoRA (--path_node_type lora)")
+    p.add_argument("--backtrack_interval", type=int, default=1000, help="K2: generator updates per node (paper: 1000)")
+    p.add_argument("--backtrack_rule", choices=["fixed", "adaptive"], default="fixed")
+    p.add_argument("--backtrack_threshold", type=float, default=0.5, help="adaptive rule: advance at this fraction")
+    p.add_argument("--fake_score_init", choices=["last_node", "teacher"], default="last_node")
+    p.add_argument("--intermediate_cfg", choices=["teacher", "node", "none"], default="teacher",
+                   help="unconditional branch of CFG on intermediate nodes (see docs/method.md)")
+    # distillation
+    p.add_argument("--conditioning_timestep", type=int, default=399)
+    p.add_argument("--guidance_scale", type=float, default=8.0, help="teacher CFG in the DM loss (SDXL: 8)")
+    p.add_argument("--min_step_percent", type=float, default=0.02)
+    p.add_argument("--max_step_percent", type=float, default=0.98)
+    p.add_argument("--fake_score_update_ratio", type=int, default=5, help="r: fake-score updates per generator update")
+    p.add_argument("--max_train_steps", type=int, default=5000, help="stage-2 iterations (fake-score updates)")
+    # optimisation
+    p.add_argument("--learning_rate", type=float, default=5e-7, help="generator (and default for the others)")
+    p.add_argument("--fake_learning_rate", type=float, default=None, help="fake score (default: --learning_rate)")
+    p.add_argument("--degradation_learning_rate", type=float, default=None, help="stage 1 (default: --learning_rate)")
+    p.add_argument("--lr_scheduler", default="constant_with_warmup")
+    p.add_argument("--lr_warmup_steps", type=int, default=500)
+    p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--adam_beta2", type=float, default=0.999)
+    p.add_argument("--adam_weight_decay", type=float, default=0.01)
+    p.add_argument("--adam_epsilon", type=float, default=1e-8)
+    p.add_argument("--max_grad_norm", type=float, default=10.0)
+    p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (if installed)")
+    p.add_argument("--train_batch_size", type=int, default=1, help="per process")
+    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="overrides the accelerate config; trainable nets keep fp32 master weights")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--allow_tf32", action="store_true")
+    p.add_argument("--nan_policy", choices=["skip", "abort"], default="skip",
+                   help="a non-finite loss: skip that update (with a warning) or stop the run")
+    p.add_argument("--seed", type=int, default=0)
+    # data
+    p.add_argument("--dataset_name", default=None, help="prompts: a Hub dataset")
+    p.add_argument("--dataset_config_name", default=None)
+    p.add_argument("--train_data_files", nargs="+", default=None, help="prompts: local .txt/.csv/.json/.parquet")
+    p.add_argument("--caption_column", default="text")
+    p.add_argument("--shuffle_buffer", type=int, default=1000)
+    p.add_argument("--no_streaming", action="store_true", help="download/prepare the dataset instead of streaming")
+    # checkpoints, logging, validation
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    p.add_argument("--report_to", default="tensorboard", help="tensorboard | wandb | all | none")
+    p.add_argument("--logging_dir", default="logs")
+    p.add_argument("--validation_steps", type=int, default=500)
+    p.add_argument("--validation_prompts", nargs="+",
+                   default=["a photo of an astronaut riding a horse on mars", "a red fox in a snowy forest"])
+    # hub
+    p.add_argument("--push_to_hub", action="store_true")
+    p.add_argument("--hub_model_id", default=None)
+    p.add_argument("--hub_token", default=None, help="default: the logged-in token (never logged or saved)")
+    p.add_argument("--hub_private", action="store_true")
+    p.add_argument("--hub_push_every", type=int, default=0, help="also push every N-th checkpoint (0: never)")
+    args = p.parse_args(argv)
+
+    if (args.dataset_name is None) == (args.train_data_files is None):
+        p.error("give exactly one of --dataset_name and --train_data_files")
+    if args.resolution % 8:
+        p.error(f"--resolution must be divisible by 8, got {args.resolution}")
+    if args.push_to_hub and not args.hub_model_id:
+        p.error("--push_to_hub needs --hub_model_id")
+    if not 0 <= args.min_step_percent < args.max_step_percent <= 1:
+        p.error("need 0 <= --min_step_percent < --max_step_percent <= 1")
+    args.path_dir = args.path_dir or os.path.join(args.output_dir, "path")
+    args.fake_learning_rate = args.fake_learning_rate or args.learning_rate
+    args.degradation_learning_rate = args.degradation_learning_rate or args.learning_rate
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def load_frozen_components(args, weight_dtype):
+    path, rev, var = args.pretrained_teacher_model, args.revision, args.variant
+    tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev)
+    tok2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev)
+    te = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev, variant=var)
+    te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", revision=rev, variant=var)
+    teacher = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var)
+    scheduler = DisBackScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
+    for m in (te, te2, teacher):
+        m.requires_grad_(False).eval()
+    return tok, tok2, te.to(weight_dtype), te2.to(weight_dtype), teacher.to(weight_dtype), scheduler
+
+
+def load_initial_generator(args, teacher: UNet2DConditionModel) -> UNet2DConditionModel:
+    """The generator's starting point in fp32: the teacher, a diffusers UNet, or a raw checkpoint (strictly)."""
+    src = args.pretrained_generator
+    if src is None:
+        gen = UNet2DConditionModel.from_config(teacher.config)
+        gen.load_state_dict(teacher.state_dict())
+    elif os.path.isfile(src):
+        gen = load_unet_checkpoint(src, config=teacher.config)
+    else:
+        sub = "unet" if os.path.isdir(os.path.join(src, "unet")) else None
+        gen = UNet2DConditionModel.from_pretrained(src, subfolder=sub)
+    return gen.to(torch.float32)
+
+
+def make_optimizer(args, params, lr):
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from e
+        cls = bnb.optim.AdamW8bit
+    else:
+        cls = torch.optim.AdamW
+    return cls(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+               eps=args.adam_epsilon)
+
+
+def checkpoint_dirs(output_dir: str) -> list[str]:
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    names = [d for d in os.listdir(root) if d.startswith("checkpoint-") and not d.endswith(".tmp")]
+    return [os.path.join(root, d) for d in sorted(names, key=lambda d: int(d.split("-")[1]))]
+
+
+def resolve_resume(args) -> str | None:
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        dirs = checkpoint_dirs(args.output_dir)
+        return dirs[-1] if dirs else None
+    if not os.path.isfile(os.path.join(args.resume_from_checkpoint, "run_state.json")):
+        raise FileNotFoundError(f"{args.resume_from_checkpoint} is not a checkpoint of this script (no run_state.json)")
+    return args.resume_from_checkpoint
+
+
+class Run:
+    """The pieces every stage shares: accelerator, frozen models, conditioning, data, state, trackers, pusher."""
+
+    def __init__(self, args):
+        self.args = args
+        project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir,
+                                                                                            args.logging_dir))
+        report_to = None if args.report_to == "none" else args.report_to
+        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=report_to,
+                                       project_config=project)
+        acc = self.accelerator
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is too much
+        if args.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        set_seed(args.seed)
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+        tok, tok2, te, te2, teacher, scheduler = load_frozen_components(args, self.weight_dtype)
+        self.teacher = teacher.to(acc.device)
+        self.scheduler_config = scheduler.config
+        self.noise_schedule = NoiseSchedule.from_scheduler(scheduler)
+        self.conditioner = SDXLConditioner(tok, tok2, te.to(acc.device), te2.to(acc.device), args.resolution)
+        self.text_parts = (tok, tok2, te, te2)
+        self.latent_shape = (4, args.resolution // 8, args.resolution // 8)
+        T = self.noise_schedule.num_train_timesteps
+        self.min_step, self.max_step = int(args.min_step_percent * T), int(args.max_step_percent * T) - 1
+        self.stream = PromptStream(
+            dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
+            data_files=args.train_data_files, caption_column=args.caption_column,
+            streaming=not args.no_streaming, shuffle_buffer=args.shuffle_buffer, seed=args.seed,
+            rank=acc.process_index, world_size=acc.num_processes,
+        )
+        self.state = RunState()
+        self.noise = torch.Generator().manual_seed(args.seed * 1000 + acc.process_index)
+        if acc.is_main_process:
+            os.makedirs(args.output_dir, exist_ok=True)
+            config = {k: v for k, v in vars(args).items() if "token" not in k}
+            acc.init_trackers("disback", config={k: str(v) if isinstance(v, list) else v for k, v in config.items()})
+        self.pusher = None
+        if args.push_to_hub and acc.is_main_process:
+            self.pusher = BackgroundPusher(args.hub_model_id, private=args.hub_private or None, token=args.hub_token)
+        self.checkpoint_count = 0
+
+    # ------------------------------------------------------------------------------------------------ batches
+
+    def batch(self):
+        prompts = self.stream.take(self.args.train_batch_size)
+        cond = self.conditioner(prompts, self.accelerator.device)
+        z = torch.randn((len(prompts), *self.latent_shape), generator=self.noise).to(self.accelerator.device)
+        return cond, z
+
+    def generate(self, generator_unet, cond, z):
+        return one_step_sample(unet_eps_fn(generator_unet), z, cond, self.noise_schedule, self.args.conditioning_timestep)
+
+    def finite_or_skip(self, loss: torch.Tensor, what: str) -> bool:
+        if torch.isfinite(loss):
+            return True
+        msg = f"{what} loss is {loss.item()} at global step {self.state.global_step}"
+        if self.args.nan_policy == "abort":
+            raise FloatingPointError(msg + "; stopping (--nan_policy abort). Lower the learning rate or check data.")
+        logger.warning(msg + "; skipping this update (--nan_policy skip)")
+        return False
+
+    # ---------------------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self):
+        """
+        `accelerator.save_state` (models, optimizers, schedulers, RNGs; sharded under FSDP) plus the run state into
+        `checkpoint-<step>.tmp`, then an atomic rename; rotation; an optional background push.
+        """
+        acc, args = self.accelerator, self.args
+        name = f"checkpoint-{self.state.global_step}"
+        final = os.path.join(args.output_dir, "checkpoints", name)
+        tmp = final + ".tmp"
+        if acc.is_main_process and os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(tmp)
+        rank = acc.process_index
+        save_file({"noise_rng": self.noise.get_state()}, os.path.join(tmp, f"noise_rng_{rank}.safetensors"))
+        with open(os.path.join(tmp, f"data_{rank}.json"), "w") as f:
+            json.dump(self.stream.state_dict(), f)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            with open(os.path.join(tmp, "run_state.json"), "w") as f:
+                json.dump(self.state.state_dict(), f, indent=2)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            if args.checkpoints_total_limit:
+                for old in checkpoint_dirs(args.output_dir)[: -args.checkpoints_total_limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+            self.checkpoint_count += 1
+            if self.pusher and args.hub_push_every and self.checkpoint_count % args.hub_push_every == 0:
+                self.pusher.submit(final, path_in_repo=f"checkpoints/{name}", commit_message=f"Checkpoint {name}")
+        acc.wait_for_everyone()
+        logger.info(f"saved {final}")
+
+    def restore(self, checkpoint: str, models: bool = True):
+        """Restores a checkpoint: the accelerate state (unless `models=False`: a stage-1 checkpoint resumed into
+        stage 2), the run state, this rank's prompt-stream position and noise generator."""
+        if models:
+            self.accelerator.load_state(checkpoint)
+        rank = self.accelerator.process_index
+        with open(os.path.join(checkpoint, "run_state.json")) as f:
+            self.state.load_state_dict(json.load(f))
+        with open(os.path.join(checkpoint, f"data_{rank}.json")) as f:
+            self.stream.load_state_dict(json.load(f))
+        self.noise.set_state(load_file(os.path.join(checkpoint, f"noise_rng_{rank}.safetensors"))["noise_rng"])
+        logger.info(f"resumed from {checkpoint}: stage {self.state.stage}, stage step {self.state.stage_step}")
+
+    def log(self, values: dict, step: int):
+        self.accelerator.log(values, step=step)
+
+    @torch.no_grad()
+    def validate(self, generator_unet, step: int):
+        """One-step samples for the fixed validation prompts and seeds, logged and saved as a PNG grid. Every rank
+        runs the generator (it may be sharded); the main process decodes and logs."""
+        acc, args = self.accelerator, self.args
+        if not args.validation_prompts:
+            return
+        cond = self.conditioner(args.validation_prompts, acc.device)
+        z = torch.randn((len(args.validation_prompts), *self.latent_shape),
+                        generator=torch.Generator().manual_seed(0)).to(acc.device)
+        x0 = self.generate(generator_unet, cond, z)
+        if not acc.is_main_process:
+            return
+        vae = getattr(self, "_vae", None)
+        if vae is None:
+            vae = AutoencoderKL.from_pretrained(args.pretrained_teacher_model, subfolder="vae", revision=args.revision)
+            self._vae = vae = vae.to(acc.device, torch.float32).requires_grad_(False)
+        images = vae.decode(x0 / vae.config.scaling_factor).sample.clamp(-1, 1).add(1).div(2)
+        os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
+        grid = save_image_grid(images, os.path.join(args.output_dir, "validation", f"step-{step:08d}.png"))
+        for tracker in acc.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("validation", images.cpu(), step, dataformats="NCHW")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": [wandb.Image(grid, caption=" | ".join(args.validation_prompts))]}, step=step)
+
+    def finish(self):
+        if self.pusher is not None:
+            self.pusher.close()
+            for failure in self.pusher.failures:
+                logger.error(f"a Hub push failed (local files are intact): {failure}")
+        self.accelerator.end_training()
+
+
+def save_image_grid(images: torch.Tensor, path: str):
+    """Images in [0, 1], NCHW, saved side by side as one PNG; returns the PIL image."""
+    from PIL import Image
+
+    row = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype("uint8")
+    grid = Image.fromarray(row.transpose(1, 0, 2, 3).reshape(row.shape[1], -1, 3))
+    grid.save(path)
+    return grid
+
+
+def clip_and_step(accelerator, model, optimizer, lr_scheduler, max_grad_norm):
+    if accelerator.sync_gradients and max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------------------------- stage 1
+
+
+def run_degradation(run: Run, resume: str | None):
+    """Stage 1: fine-tune a copy of the teacher on the frozen initial generator's samples; record the path."""
+    args, acc = run.args, run.accelerator
+    generator = load_initial_generator(args, run.teacher).to(acc.device, run.weight_dtype).requires_grad_(False)
+    degrading = UNet2DConditionModel.from_config(run.teacher.config)
+    degrading.load_state_dict(run.teacher.state_dict())
+    degrading = degrading.to(torch.float32)
+    lora_config = None
+    if args.path_node_type == "lora":
+        from peft import LoraConfig
+
+        lora_config = LoraConfig(r=args.path_lora_rank, lora_alpha=args.path_lora_rank,
+                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        degrading.requires_grad_(False)
+        add_lora_adapter(degrading, lora_config)
+        params = lora_parameters(degrading)
+    else:
+        params = list(degrading.parameters())
+    if args.gradient_checkpointing:
+        degrading.enable_gradient_checkpointing()
+    degrading.train()
+    optimizer = make_optimizer(args, params, args.degradation_learning_rate)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * acc.num_processes,
+                                 num_training_steps=args.degradation_steps * acc.num_processes)
+    degrading, optimizer, lr_scheduler = acc.prepare(degrading, optimizer, lr_scheduler)
+
+    if args.num_path_nodes:
+        steps_at = node_steps(args.degradation_steps, num_nodes=args.num_path_nodes, spacing=args.path_node_spacing)
+    else:
+        steps_at = node_steps(args.degradation_steps, interval=args.path_interval)
+    path = None
+    if resume:
+        run.restore(resume)
+    if acc.is_main_process:
+        if os.path.exists(os.path.join(args.path_dir, "path_manifest.json")):
+            if not resume:
+                raise FileExistsError(f"{args.path_dir} already holds a path; pass --resume_from_checkpoint or "
+                                      "another --path_dir (nothing was overwritten)")
+            path = DegradationPath.load(args.path_dir)
+            path.truncate(run.state.stage_step)  # nodes after the checkpoint are recorded again
+        else:
+            path = DegradationPath.create(args.path_dir, run.teacher, kind=args.path_node_type,
+                                          lora_config=lora_config)
+    score = Score(unet_eps_fn(degrading), run.noise_schedule)
+    progress = tqdm(range(run.state.stage_step, args.degradation_steps), initial=run.state.stage_step,
+                    total=args.degradation_steps, desc="stage 1: degradation", disable=not acc.is_local_main_process)
+    for _ in progress:
+        cond, z = run.batch()
+        with torch.no_grad():
+            x0 = run.generate(generator, cond, z)
+        with acc.autocast():
+            loss = denoising_score_matching_loss(score, x0, cond, generator=run.noise)  # Eq. 7
+        if run.finite_or_skip(loss, "degradation DSM"):
+            acc.backward(loss)
+            clip_and_step(acc, degrading, optimizer, lr_scheduler, args.max_grad_norm)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+        run.state.stage_step += 1
+        run.state.global_step += 1
+        step = run.state.stage_step
+        if step in steps_at:
+            if args.path_node_type == "full":
+                node_state = acc.get_state_dict(degrading)
+            else:
+                from peft import get_peft_model_state_dict
+
+                node_state = get_peft_model_state_dict(acc.unwrap_model(degrading), adapter_name="degradation")
+            if acc.is_main_process:
+                node = path.add_node(node_state, step)
+                logger.info(f"path node {node.index} at stage-1 step {step} ({node.num_bytes / 2**20:.1f} MiB)")
+            acc.wait_for_everyone()
+        run.log({"degradation/loss": loss.item(), "degradation/lr": lr_scheduler.get_last_lr()[0]},
+                run.state.global_step)
+        progress.set_postfix(loss=f"{loss.item():.4f}", nodes=len(path) if path else "-")
+        if step % args.checkpointing_steps == 0 or step == args.degradation_steps:
+            if step == args.degradation_steps:
+                run.state.stage, run.state.stage_step = "backtracking", 0
+            run.save_checkpoint()
+    if acc.is_main_process and run.pusher:
+        run.pusher.submit(args.path_dir, path_in_repo="path", commit_message="Degradation path (stage 1)")
+    acc.wait_for_everyone()
+    del degrading, optimizer, generator
+    acc.free_memory()
+
+
+# ------------------------------------------------------------------------------------------------- stage 2
+
+
+def run_backtracking(run: Run, resume: str | None):
+    """Stage 2: distribution matching against targets that walk the path back to the teacher."""
+    args, acc = run.args, run.accelerator
+    path = DegradationPath.load(args.path_dir)
+    last = len(path) - 1
+    generator = load_initial_generator(args, run.teacher)
+    fake = UNet2DConditionModel.from_config(run.teacher.config)
+    if args.fake_score_init == "teacher" or last == 0:
+        fake.load_state_dict(run.teacher.state_dict())
+        fake = fake.to(torch.float32)
+    else:  # s_phi <- R[0], the most degraded node
+        fake = fake.to(torch.float32)
+        if path.kind == "full":
+            path.load_node(fake, last)
+        else:
+            fake.load_state_dict(_merged_lora_node(run.teacher, path, last))
+    target_model = copy.deepcopy(run.teacher)
+    switcher = NodeSwitcher(path, target_model, teacher=run.teacher)
+    schedule = BacktrackingSchedule(num_nodes=len(path), interval=args.backtrack_interval, rule=args.backtrack_rule,
+                                    threshold=args.backtrack_threshold)
+    for m in (generator, fake):
+        m.requires_grad_(True).train()
+        if args.gradient_checkpointing:
+            m.enable_gradient_checkpointing()
+    r = args.fake_score_update_ratio
+    opt_g = make_optimizer(args, generator.parameters(), args.learning_rate)
+    opt_f = make_optimizer(args, fake.parameters(), args.fake_learning_rate)
+    n_gen = math.ceil(args.max_train_steps / r)
+    sched_g = get_scheduler(args.lr_scheduler, opt_g, num_warmup_steps=args.lr_warmup_steps * acc.num_processes,
+                            num_training_steps=n_gen * acc.num_processes)
+    sched_f = get_scheduler(args.lr_scheduler, opt_f, num_warmup_steps=args.lr_warmup_steps * acc.num_processes,
+                            num_training_steps=args.max_train_steps * acc.num_processes)
+    # under FSDP each trainable model is prepared with its own optimizer, in its own call
+    generator, opt_g, sched_g = acc.prepare(generator, opt_g, sched_g)
+    fake, opt_f, sched_f = acc.prepare(fake, opt_f, sched_f)
+    if resume:
+        with open(os.path.join(resume, "run_state.json")) as f:
+            mid_stage_2 = json.load(f)["stage_step"] > 0
+        # a checkpoint taken at the end of stage 1 holds stage-1 models: only the stream and RNG carry over
+        run.restore(resume, models=mid_stage_2)
+        if mid_stage_2:
+            schedule.load_state_dict(run.state.schedule)
+    run.state.stage, run.state.schedule = "backtracking", schedule.state_dict()
+
+    fake_score = Score(unet_eps_fn(fake), run.noise_schedule)
+    teacher_eps = unet_eps_fn(run.teacher)
+
+    def target_score(cond) -> tuple[Score, float]:
+        uncond = SDXLConditioner.uncond(cond)
+        if schedule.at_teacher:
+            return Score(teacher_eps, run.noise_schedule, uncond=uncond), args.guidance_scale
+        node = unet_eps_fn(switcher.activate(schedule.target_node))
+        if args.intermediate_cfg == "none":
+            return Score(node, run.noise_schedule), 1.0
+        uncond_fn = teacher_eps if args.intermediate_cfg == "teacher" else None
+        return Score(node, run.noise_schedule, uncond=uncond, uncond_fn=uncond_fn), args.guidance_scale
+
+    progress = tqdm(range(run.state.stage_step, args.max_train_steps), initial=run.state.stage_step,
+                    total=args.max_train_steps, desc="stage 2: backtracking", disable=not acc.is_local_main_process)
+    for _ in progress:
+        logs = {}
+        # (a) the fake score tracks the generator: Eq. 7 on detached samples
+        cond, z = run.batch()
+        with torch.no_grad():
+            x0 = run.generate(generator, cond, z)
+        with acc.autocast():
+            loss_f = denoising_score_matching_loss(fake_score, x0, cond, generator=run.noise)
+        if run.finite_or_skip(loss_f, "fake-score DSM"):
+            acc.backward(loss_f)
+            clip_and_step(acc, fake, opt_f, sched_f, args.max_grad_norm)
+        else:
+            opt_f.zero_grad(set_to_none=True)
+        logs["backtracking/fake_loss"] = loss_f.item()
+        run.state.stage_step += 1
+        run.state.global_step += 1
+        step = run.state.stage_step
+        # (b) every r-th iteration the generator moves toward the current target: Eq. 8
+        if step % r == 0:
+            cond, z = run.batch()
+            target, w = target_score(cond)
+            with acc.autocast():
+                x0 = run.generate(generator, cond, z)
+                loss_g, info = distribution_matching_step(
+                    x0, cond, target, fake_score, guidance_scale=w, min_step=run.min_step, max_step=run.max_step,
+                    generator=run.noise)
+            if run.finite_or_skip(loss_g, "generator DM"):
+                acc.backward(loss_g)
+                clip_and_step(acc, generator, opt_g, sched_g, args.max_grad_norm)
+            else:
+                opt_g.zero_grad(set_to_none=True)
+            distance = acc.reduce(info["dm_distance"].detach().float(), reduction="mean").item()
+            schedule.step(distance=distance)
+            logs.update({"backtracking/generator_loss": loss_g.item(), "backtracking/dm_distance": distance,
+                         "backtracking/grad_norm": info["grad_norm"].item(),
+                         "backtracking/target_node": schedule.target_node, "backtracking/lr": sched_g.get_last_lr()[0]})
+        run.log(logs, run.state.global_step)
+        progress.set_postfix(target=f"P{schedule.target_node}", fake=f"{loss_f.item():.4f}")
+        run.state.schedule = schedule.state_dict()
+        if args.validation_steps and step % args.validation_steps == 0:
+            run.validate(generator, run.state.global_step)
+        if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+            if step == args.max_train_steps:
+                run.state.stage = "done"
+            run.save_checkpoint()
+    save_final(run, generator, schedule, path)
+
+
+def _merged_lora_node(teacher, path: DegradationPath, index: int) -> dict:
+    """The full weights of a LoRA node: the teacher with that node's adapter merged."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = copy.deepcopy(teacher).to(torch.float32)
+    add_lora_adapter(model, LoraConfig(**path.lora_config), adapter_name="degradation")
+    path.load_node(model, index)
+    for m in model.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.merge(adapter_names=["degradation"])
+    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
+
+
+def save_final(run: Run, generator, schedule: BacktrackingSchedule, path: DegradationPath):
+    """Gathers the generator's full state dict, builds the pipeline and writes it in the Hub layout; pushes it."""
+    args, acc = run.args, run.accelerator
+    state = acc.get_state_dict(generator)
+    if acc.is_main_process:
+        unet = UNet2DConditionModel.from_config(run.teacher.config)
+        unet.load_state_dict(state)
+        tok, tok2, te, te2 = run.text_parts
+        vae = AutoencoderKL.from_pretrained(args.pretrained_teacher_model, subfolder="vae", revision=args.revision)
+        pipe = DisBackPipeline(vae=vae, text_encoder=te.float().cpu(), text_encoder_2=te2.float().cpu(), tokenizer=tok,
+                               tokenizer_2=tok2, unet=unet, scheduler=DisBackScheduler.from_config(run.scheduler_config))
+        pipe.set_progress_bar_config(disable=True)
+        training = {
+            "teacher": args.pretrained_teacher_model,
+            "initial_generator": args.pretrained_generator or "the teacher",
+            "stages": args.stage,
+            "degradation_steps": args.degradation_steps,
+            "path_nodes": len(path) - 1,
+            "path_node_type": path.kind,
+            "node_steps": [n.step for n in path.nodes[1:]],
+            "backtrack_interval": args.backtrack_interval,
+            "backtrack_rule": args.backtrack_rule,
+            "stage2_iterations": args.max_train_steps,
+            "generator_updates": schedule.updates,
+            "fake_score_update_ratio": args.fake_score_update_ratio,
+            "learning_rate": args.learning_rate,
+            "guidance_scale": args.guidance_scale,
+            "conditioning_timestep": args.conditioning_timestep,
+            "resolution": args.resolution,
+            "train_batch_size_per_process": args.train_batch_size,
+            "num_processes": acc.num_processes,
+            "mixed_precision": acc.mixed_precision,
+        }
+        final = os.path.join(args.output_dir, "final")
+        base = args.pretrained_teacher_model if not os.path.exists(args.pretrained_teacher_model) else None
+        save_for_hub(pipe, final, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                     base_model=base, training=training, sample_prompts=args.validation_prompts)
+        logger.info(f"final pipeline written to {final}")
+        if run.pusher:
+            run.pusher.submit(final, commit_message="DisBack one-step generator (final)")
+    acc.wait_for_everyone()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = Run(args)
+    resume = resolve_resume(args)
+    if resume:
+        with open(os.path.join(resume, "run_state.json")) as f:
+            resumed_stage = json.load(f)["stage"]
+    else:
+        resumed_stage = None
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    try:
+        for stage in stages:
+            if resumed_stage == "done" or (resumed_stage == "backtracking" and stage == "degradation"):
+                continue
+            stage_resume = resume if resumed_stage == stage or (resumed_stage == "backtracking") else None
+            if stage == "degradation":
+                run_degradation(run, stage_resume)
+            else:
+                run_backtracking(run, stage_resume)
+            resume, resumed_stage = None, None
+    finally:
+        run.finish()
+
+
+if __name__ == "__main__":
+    main()

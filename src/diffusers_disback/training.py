@@ -1,0 +1,320 @@
+"""SDXL glue for DisBack training: prompts to conditioning, UNets as scores, a resumable prompt stream, the run's
+resumable state, and Hub pushes in the background.
+
+The training script (`examples/train_disback/train_disback_sdxl.py`) is the loop; what can be tested on its own lives
+here. The method itself is in `diffusers_disback.distill`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class EmptyStreamError(RuntimeError):
+    """The prompt stream produced no usable caption."""
+
+
+# ------------------------------------------------------------------------------------------------------ prompts
+
+
+class PromptStream:
+    """
+    Captions from a `datasets` source, streamed, split by rank, shuffled with a buffer, repeated over epochs, and
+    resumable exactly: its state is the epoch and the number of raw examples consumed in it, and a resumed stream
+    replays the (seeded, deterministic) order up to that point.
+
+    Empty or non-string captions and examples without the caption column are counted and skipped (with a warning
+    every `warn_every` skips); an epoch without a single usable caption is an [`EmptyStreamError`].
+
+    Args:
+        dataset_name / dataset_config_name: a Hub dataset (e.g. a prompt set) and its config.
+        data_files: local files instead (`.txt` one prompt a line, `.csv`, `.json`/`.jsonl`, `.parquet`).
+        caption_column: the column holding the prompt (`"text"` for `.txt` files).
+        streaming: stream (default) instead of downloading/preparing the whole dataset.
+        shuffle_buffer: examples in the shuffle buffer (0: no shuffling).
+        seed: shuffling seed (each epoch reshuffles with `seed + epoch`).
+        rank / world_size: this process's share (`datasets.distributed.split_dataset_by_node`).
+    """
+
+    def __init__(
+        self,
+        dataset_name: str | None = None,
+        dataset_config_name: str | None = None,
+        data_files: str | list[str] | None = None,
+        caption_column: str = "text",
+        split: str = "train",
+        streaming: bool = True,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        cache_dir: str | None = None,
+        warn_every: int = 100,
+    ):
+        if (dataset_name is None) == (data_files is None):
+            raise ValueError("give exactly one of `dataset_name` and `data_files` (`--dataset_name`/`--train_data_files`)")
+        self.caption_column = caption_column
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.warn_every = warn_every
+        self.dataset = self._load(dataset_name, dataset_config_name, data_files, split, streaming, cache_dir)
+        if world_size > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            self.dataset = split_dataset_by_node(self.dataset, rank=rank, world_size=world_size)
+        if shuffle_buffer > 0:
+            if streaming:
+                self.dataset = self.dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
+            else:
+                self.dataset = self.dataset.shuffle(seed=seed)
+        self.epoch = 0
+        self.consumed = 0  # raw examples consumed in this epoch, skipped ones included
+        self.skipped = 0
+        self._usable = 0  # usable captions seen in this epoch (an epoch without one means an empty stream)
+        self._iterator: Iterator | None = None
+
+    @staticmethod
+    def _load(dataset_name, dataset_config_name, data_files, split, streaming, cache_dir):
+        from datasets import load_dataset
+
+        if dataset_name is not None:
+            return load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir)
+        files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
+        missing = [f for f in files if not os.path.exists(f)]
+        if missing:
+            raise FileNotFoundError(f"--train_data_files not found: {missing}")
+        ext = os.path.splitext(os.fspath(files[0]))[1].lower().lstrip(".")
+        builder = {"txt": "text", "jsonl": "json"}.get(ext, ext)
+        if builder not in ("text", "csv", "json", "parquet"):
+            raise ValueError(f"cannot read {files[0]!r}: use .txt, .csv, .json/.jsonl or .parquet prompt files")
+        return load_dataset(builder, data_files=[os.fspath(f) for f in files], split=split, streaming=streaming)
+
+    def _epoch_iterator(self) -> Iterator:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        return itertools.islice(iter(self.dataset), self.consumed, None)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        while True:
+            if self._iterator is None:
+                self._iterator = self._epoch_iterator()
+            try:
+                example = next(self._iterator)
+            except StopIteration:
+                if self._usable == 0:
+                    raise EmptyStreamError(
+                        f"the prompt stream has no usable caption in column {self.caption_column!r} "
+                        f"({self.skipped} examples skipped); check --caption_column and the data files"
+                    ) from None
+                self.epoch, self.consumed, self._usable, self._iterator = self.epoch + 1, 0, 0, None
+                continue
+            self.consumed += 1
+            if not isinstance(example, dict) or self.caption_column not in example:
+                raise KeyError(
+                    f"caption column {self.caption_column!r} not in the dataset; its columns are "
+                    f"{sorted(example) if isinstance(example, dict) else type(example).__name__}. Set --caption_column."
+                )
+            caption = example[self.caption_column]
+            if not isinstance(caption, str) or not caption.strip():
+                self.skipped += 1
+                if self.skipped % self.warn_every == 1:
+                    logger.warning("skipped %d examples with an empty or missing caption so far", self.skipped)
+                continue
+            self._usable += 1
+            return caption.strip()
+
+    def take(self, n: int) -> list[str]:
+        """The next `n` captions."""
+        return [next(self) for _ in range(n)]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.consumed, self.skipped = int(state["epoch"]), int(state["consumed"]), int(state["skipped"])
+        self._usable = 1 if self.consumed else 0  # resumed mid-epoch: the replayed part held captions
+        self._iterator = None
+
+
+# ------------------------------------------------------------------------------------------------ conditioning
+
+
+class SDXLConditioner:
+    """
+    Prompts to SDXL conditioning, exactly as `StableDiffusionXLPipeline.encode_prompt` computes it at inference:
+    penultimate hidden states of both text encoders concatenated, encoder 2's pooled projection, and
+    `add_time_ids = (H, W, 0, 0, H, W)`. The unconditional branch for CFG is all zeros (SDXL's
+    `force_zeros_for_empty_prompt`, and what DMD2 trains with).
+    """
+
+    def __init__(self, tokenizer, tokenizer_2, text_encoder, text_encoder_2, resolution: int):
+        from diffusers import StableDiffusionXLPipeline
+
+        if resolution % 8:
+            raise ValueError(f"--resolution must be divisible by 8, got {resolution}")
+        self.encoder = StableDiffusionXLPipeline(
+            vae=None,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=None,
+            scheduler=None,
+        )
+        self.resolution = resolution
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], device: torch.device | str) -> dict[str, torch.Tensor]:
+        prompt_embeds, _, pooled, _ = self.encoder.encode_prompt(
+            prompts, device=torch.device(device), num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        r = self.resolution
+        time_ids = torch.tensor([[r, r, 0, 0, r, r]], device=device, dtype=prompt_embeds.dtype)
+        return {"prompt_embeds": prompt_embeds, "text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)}
+
+    @staticmethod
+    def uncond(cond: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The unconditional conditioning of a batch: zero embeddings, same time ids."""
+        return {
+            "prompt_embeds": torch.zeros_like(cond["prompt_embeds"]),
+            "text_embeds": torch.zeros_like(cond["text_embeds"]),
+            "time_ids": cond["time_ids"],
+        }
+
+
+def unet_eps_fn(unet: torch.nn.Module):
+    """An SDXL UNet as the score callable `eps(x_t, t, cond)` of `diffusers_disback.distill` (float32 out)."""
+
+    def eps(x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        dtype = _dtype_of(unet)
+        return unet(
+            x_t.to(dtype),
+            t,
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            added_cond_kwargs={"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].to(dtype)},
+            return_dict=False,
+        )[0].float()
+
+    return eps
+
+
+def _dtype_of(module: torch.nn.Module) -> torch.dtype:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+# ------------------------------------------------------------------------------------------------- run state
+
+
+@dataclass
+class RunState:
+    """Where a run is, written as `run_state.json` into every checkpoint: stage, steps and the backtracking schedule
+    (the prompt stream's position and the noise generator are saved per rank beside it)."""
+
+    stage: str = "degradation"
+    stage_step: int = 0
+    global_step: int = 0
+    schedule: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        return {"stage": self.stage, "stage_step": self.stage_step, "global_step": self.global_step,
+                "schedule": dict(self.schedule)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stage = state["stage"]
+        self.stage_step = int(state["stage_step"])
+        self.global_step = int(state["global_step"])
+        self.schedule = dict(state["schedule"])
+
+
+# ---------------------------------------------------------------------------------------------------- pushing
+
+
+class BackgroundPusher:
+    """
+    Pushes folders to the Hub from a background thread so training never waits on the network.
+
+    Each push first snapshots the folder (hard links where possible, else copies) so checkpoint rotation can delete
+    the original meanwhile; the snapshot is removed after the push, the original is never touched. Failures are
+    retried by `hub.push_folder`, then logged and kept in `failures`; training goes on.
+    """
+
+    def __init__(self, repo_id: str, private: bool | None = None, token: str | None = None, max_retries: int = 3,
+                 retry_wait: float = 2.0):
+        self.repo_id = repo_id
+        self.private = private
+        self._token = token  # never logged
+        self.max_retries = max_retries
+        self.retry_wait = retry_wait
+        self.failures: list[str] = []
+        self.pushed: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="disback-hub-push", daemon=True)
+        self._thread.start()
+
+    def submit(self, folder: str, path_in_repo: str | None = None, commit_message: str = "Upload") -> None:
+        staging = tempfile.mkdtemp(prefix="disback-push-")
+        snapshot = os.path.join(staging, os.path.basename(os.path.normpath(folder)))
+        try:
+            shutil.copytree(folder, snapshot, copy_function=_link_or_copy)
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            self.failures.append(f"{folder}: could not snapshot for pushing ({e})")
+            logger.error("not pushing %s: could not snapshot it (%s)", folder, e)
+            return
+        self._queue.put((snapshot, staging, path_in_repo, commit_message))
+
+    def _work(self) -> None:
+        from .hub import HubPushError, push_folder
+
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self._queue.task_done()
+                return
+            snapshot, staging, path_in_repo, message = item
+            try:
+                push_folder(snapshot, self.repo_id, private=self.private, token=self._token, commit_message=message,
+                            path_in_repo=path_in_repo, max_retries=self.max_retries, retry_wait=self.retry_wait)
+                self.pushed.append(path_in_repo or ".")
+                logger.info("pushed %s to %s", path_in_repo or "the output folder", self.repo_id)
+            except HubPushError as e:
+                self.failures.append(str(e))
+                logger.error("push to %s failed, training goes on: %s", self.repo_id, e)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+                self._queue.task_done()
+
+    def wait(self) -> None:
+        """Blocks until every submitted push finished (successfully or not)."""
+        self._queue.join()
+
+    def close(self) -> None:
+        self.wait()
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
