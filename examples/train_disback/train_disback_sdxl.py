@@ -59,17 +59,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretrained_teacher_model", required=True, help="SDXL teacher: Hub repo id or local folder")
     p.add_argument("--revision", default=None)
     p.add_argument("--variant", default=None, help="teacher weights variant, e.g. fp16")
-    p.add_argument("--pretrained_generator", default=None,
-                   help="initial generator: a UNet folder/repo (with or without unet/), or a raw checkpoint file "
-                        "(e.g. DMD2's one-step UNet). Default: the teacher's UNet")
+    p.add_argument(
+        "--pretrained_generator",
+        default=None,
+        help="initial generator: a UNet folder/repo (with or without unet/), or a raw checkpoint file "
+        "(e.g. DMD2's one-step UNet). Default: the teacher's UNet",
+    )
     # stages and path
     p.add_argument("--stage", choices=["degradation", "backtracking", "all"], default="all")
     p.add_argument("--output_dir", default="disback-sdxl")
     p.add_argument("--path_dir", default=None, help="where stage 1 writes / stage 2 reads the path (OUTPUT_DIR/path)")
     p.add_argument("--degradation_steps", type=int, default=1000, help="N1: stage-1 steps (paper: 1000)")
     p.add_argument("--path_interval", type=int, default=100, help="K1: a node every K1 stage-1 steps (paper: 100)")
-    p.add_argument("--num_path_nodes", type=int, default=None,
-                   help="instead of --path_interval: this many nodes, spaced by --path_node_spacing")
+    p.add_argument(
+        "--num_path_nodes",
+        type=int,
+        default=None,
+        help="instead of --path_interval: this many nodes, spaced by --path_node_spacing",
+    )
     p.add_argument("--path_node_spacing", choices=["uniform", "log"], default="uniform")
     p.add_argument("--path_node_type", choices=["full", "lora"], default="full")
     p.add_argument("--path_lora_rank", type=int, default=64, help="rank of the degrading LoRA (--path_node_type lora)")
@@ -77,8 +84,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backtrack_rule", choices=["fixed", "adaptive"], default="fixed")
     p.add_argument("--backtrack_threshold", type=float, default=0.5, help="adaptive rule: advance at this fraction")
     p.add_argument("--fake_score_init", choices=["last_node", "teacher"], default="last_node")
-    p.add_argument("--intermediate_cfg", choices=["teacher", "node", "none"], default="teacher",
-                   help="unconditional branch of CFG on intermediate nodes (see docs/method.md)")
+    p.add_argument(
+        "--intermediate_cfg",
+        choices=["teacher", "node", "none"],
+        default="teacher",
+        help="unconditional branch of CFG on intermediate nodes (see docs/method.md)",
+    )
     # distillation
     p.add_argument("--conditioning_timestep", type=int, default=399)
     p.add_argument("--guidance_scale", type=float, default=8.0, help="teacher CFG in the DM loss (SDXL: 8)")
@@ -100,12 +111,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (if installed)")
     p.add_argument("--train_batch_size", type=int, default=1, help="per process")
     p.add_argument("--resolution", type=int, default=1024)
-    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="overrides the accelerate config; trainable nets keep fp32 master weights")
+    p.add_argument(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="overrides the accelerate config; trainable nets keep fp32 master weights",
+    )
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--allow_tf32", action="store_true")
-    p.add_argument("--nan_policy", choices=["skip", "abort"], default="skip",
-                   help="a non-finite loss: skip that update (with a warning) or stop the run")
+    p.add_argument(
+        "--nan_policy",
+        choices=["skip", "abort"],
+        default="skip",
+        help="a non-finite loss: skip that update (with a warning) or stop the run",
+    )
     p.add_argument("--seed", type=int, default=0)
     # data
     p.add_argument("--dataset_name", default=None, help="prompts: a Hub dataset")
@@ -121,8 +140,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report_to", default="tensorboard", help="tensorboard | wandb | all | none")
     p.add_argument("--logging_dir", default="logs")
     p.add_argument("--validation_steps", type=int, default=500)
-    p.add_argument("--validation_prompts", nargs="+",
-                   default=["a photo of an astronaut riding a horse on mars", "a red fox in a snowy forest"])
+    p.add_argument(
+        "--validation_prompts",
+        nargs="+",
+        default=["a photo of an astronaut riding a horse on mars", "a red fox in a snowy forest"],
+    )
     # hub
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--hub_model_id", default=None)
@@ -184,8 +206,13 @@ def make_optimizer(args, params, lr):
         cls = bnb.optim.AdamW8bit
     else:
         cls = torch.optim.AdamW
-    return cls(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-               eps=args.adam_epsilon)
+    return cls(
+        params,
+        lr=lr,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
 
 
 def checkpoint_dirs(output_dir: str) -> list[str]:
@@ -203,7 +230,9 @@ def resolve_resume(args) -> str | None:
         dirs = checkpoint_dirs(args.output_dir)
         return dirs[-1] if dirs else None
     if not os.path.isfile(os.path.join(args.resume_from_checkpoint, "run_state.json")):
-        raise FileNotFoundError(f"{args.resume_from_checkpoint} is not a checkpoint of this script (no run_state.json)")
+        raise FileNotFoundError(
+            f"{args.resume_from_checkpoint} is not a checkpoint of this script (no run_state.json)"
+        )
     return args.resume_from_checkpoint
 
 
@@ -212,11 +241,13 @@ class Run:
 
     def __init__(self, args):
         self.args = args
-        project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir,
-                                                                                            args.logging_dir))
+        project = ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        )
         report_to = None if args.report_to == "none" else args.report_to
-        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=report_to,
-                                       project_config=project)
+        self.accelerator = Accelerator(
+            mixed_precision=args.mixed_precision, log_with=report_to, project_config=project
+        )
         acc = self.accelerator
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
         logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is too much
@@ -235,10 +266,15 @@ class Run:
         T = self.noise_schedule.num_train_timesteps
         self.min_step, self.max_step = int(args.min_step_percent * T), int(args.max_step_percent * T) - 1
         self.stream = PromptStream(
-            dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
-            data_files=args.train_data_files, caption_column=args.caption_column,
-            streaming=not args.no_streaming, shuffle_buffer=args.shuffle_buffer, seed=args.seed,
-            rank=acc.process_index, world_size=acc.num_processes,
+            dataset_name=args.dataset_name,
+            dataset_config_name=args.dataset_config_name,
+            data_files=args.train_data_files,
+            caption_column=args.caption_column,
+            streaming=not args.no_streaming,
+            shuffle_buffer=args.shuffle_buffer,
+            seed=args.seed,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
         )
         self.state = RunState()
         self.noise = torch.Generator().manual_seed(args.seed * 1000 + acc.process_index)
@@ -260,7 +296,9 @@ class Run:
         return cond, z
 
     def generate(self, generator_unet, cond, z):
-        return one_step_sample(unet_eps_fn(generator_unet), z, cond, self.noise_schedule, self.args.conditioning_timestep)
+        return one_step_sample(
+            unet_eps_fn(generator_unet), z, cond, self.noise_schedule, self.args.conditioning_timestep
+        )
 
     def finite_or_skip(self, loss: torch.Tensor, what: str) -> bool:
         if torch.isfinite(loss):
@@ -330,8 +368,9 @@ class Run:
         if not args.validation_prompts:
             return
         cond = self.conditioner(args.validation_prompts, acc.device)
-        z = torch.randn((len(args.validation_prompts), *self.latent_shape),
-                        generator=torch.Generator().manual_seed(0)).to(acc.device)
+        z = torch.randn(
+            (len(args.validation_prompts), *self.latent_shape), generator=torch.Generator().manual_seed(0)
+        ).to(acc.device)
         x0 = self.generate(generator_unet, cond, z)
         if not acc.is_main_process:
             return
@@ -348,7 +387,9 @@ class Run:
             elif tracker.name == "wandb":
                 import wandb
 
-                tracker.log({"validation": [wandb.Image(grid, caption=" | ".join(args.validation_prompts))]}, step=step)
+                tracker.log(
+                    {"validation": [wandb.Image(grid, caption=" | ".join(args.validation_prompts))]}, step=step
+                )
 
     def finish(self):
         if self.pusher is not None:
@@ -390,8 +431,9 @@ def run_degradation(run: Run, resume: str | None):
     if args.path_node_type == "lora":
         from peft import LoraConfig
 
-        lora_config = LoraConfig(r=args.path_lora_rank, lora_alpha=args.path_lora_rank,
-                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        lora_config = LoraConfig(
+            r=args.path_lora_rank, lora_alpha=args.path_lora_rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+        )
         degrading.requires_grad_(False)
         add_lora_adapter(degrading, lora_config)
         params = lora_parameters(degrading)
@@ -401,8 +443,12 @@ def run_degradation(run: Run, resume: str | None):
         degrading.enable_gradient_checkpointing()
     degrading.train()
     optimizer = make_optimizer(args, params, args.degradation_learning_rate)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * acc.num_processes,
-                                 num_training_steps=args.degradation_steps * acc.num_processes)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps * acc.num_processes,
+        num_training_steps=args.degradation_steps * acc.num_processes,
+    )
     degrading, optimizer, lr_scheduler = acc.prepare(degrading, optimizer, lr_scheduler)
 
     if args.num_path_nodes:
@@ -415,16 +461,24 @@ def run_degradation(run: Run, resume: str | None):
     if acc.is_main_process:
         if os.path.exists(os.path.join(args.path_dir, "path_manifest.json")):
             if not resume:
-                raise FileExistsError(f"{args.path_dir} already holds a path; pass --resume_from_checkpoint or "
-                                      "another --path_dir (nothing was overwritten)")
+                raise FileExistsError(
+                    f"{args.path_dir} already holds a path; pass --resume_from_checkpoint or "
+                    "another --path_dir (nothing was overwritten)"
+                )
             path = DegradationPath.load(args.path_dir)
             path.truncate(run.state.stage_step)  # nodes after the checkpoint are recorded again
         else:
-            path = DegradationPath.create(args.path_dir, run.teacher, kind=args.path_node_type,
-                                          lora_config=lora_config)
+            path = DegradationPath.create(
+                args.path_dir, run.teacher, kind=args.path_node_type, lora_config=lora_config
+            )
     score = Score(unet_eps_fn(degrading), run.noise_schedule)
-    progress = tqdm(range(run.state.stage_step, args.degradation_steps), initial=run.state.stage_step,
-                    total=args.degradation_steps, desc="stage 1: degradation", disable=not acc.is_local_main_process)
+    progress = tqdm(
+        range(run.state.stage_step, args.degradation_steps),
+        initial=run.state.stage_step,
+        total=args.degradation_steps,
+        desc="stage 1: degradation",
+        disable=not acc.is_local_main_process,
+    )
     for _ in progress:
         cond, z = run.batch()
         with torch.no_grad():
@@ -450,8 +504,9 @@ def run_degradation(run: Run, resume: str | None):
                 node = path.add_node(node_state, step)
                 logger.info(f"path node {node.index} at stage-1 step {step} ({node.num_bytes / 2**20:.1f} MiB)")
             acc.wait_for_everyone()
-        run.log({"degradation/loss": loss.item(), "degradation/lr": lr_scheduler.get_last_lr()[0]},
-                run.state.global_step)
+        run.log(
+            {"degradation/loss": loss.item(), "degradation/lr": lr_scheduler.get_last_lr()[0]}, run.state.global_step
+        )
         progress.set_postfix(loss=f"{loss.item():.4f}", nodes=len(path) if path else "-")
         if step % args.checkpointing_steps == 0 or step == args.degradation_steps:
             if step == args.degradation_steps:
@@ -485,8 +540,12 @@ def run_backtracking(run: Run, resume: str | None):
             fake.load_state_dict(_merged_lora_node(run.teacher, path, last))
     target_model = copy.deepcopy(run.teacher)
     switcher = NodeSwitcher(path, target_model, teacher=run.teacher)
-    schedule = BacktrackingSchedule(num_nodes=len(path), interval=args.backtrack_interval, rule=args.backtrack_rule,
-                                    threshold=args.backtrack_threshold)
+    schedule = BacktrackingSchedule(
+        num_nodes=len(path),
+        interval=args.backtrack_interval,
+        rule=args.backtrack_rule,
+        threshold=args.backtrack_threshold,
+    )
     for m in (generator, fake):
         m.requires_grad_(True).train()
         if args.gradient_checkpointing:
@@ -495,10 +554,18 @@ def run_backtracking(run: Run, resume: str | None):
     opt_g = make_optimizer(args, generator.parameters(), args.learning_rate)
     opt_f = make_optimizer(args, fake.parameters(), args.fake_learning_rate)
     n_gen = math.ceil(args.max_train_steps / r)
-    sched_g = get_scheduler(args.lr_scheduler, opt_g, num_warmup_steps=args.lr_warmup_steps * acc.num_processes,
-                            num_training_steps=n_gen * acc.num_processes)
-    sched_f = get_scheduler(args.lr_scheduler, opt_f, num_warmup_steps=args.lr_warmup_steps * acc.num_processes,
-                            num_training_steps=args.max_train_steps * acc.num_processes)
+    sched_g = get_scheduler(
+        args.lr_scheduler,
+        opt_g,
+        num_warmup_steps=args.lr_warmup_steps * acc.num_processes,
+        num_training_steps=n_gen * acc.num_processes,
+    )
+    sched_f = get_scheduler(
+        args.lr_scheduler,
+        opt_f,
+        num_warmup_steps=args.lr_warmup_steps * acc.num_processes,
+        num_training_steps=args.max_train_steps * acc.num_processes,
+    )
     # under FSDP each trainable model is prepared with its own optimizer, in its own call
     generator, opt_g, sched_g = acc.prepare(generator, opt_g, sched_g)
     fake, opt_f, sched_f = acc.prepare(fake, opt_f, sched_f)
@@ -524,8 +591,13 @@ def run_backtracking(run: Run, resume: str | None):
         uncond_fn = teacher_eps if args.intermediate_cfg == "teacher" else None
         return Score(node, run.noise_schedule, uncond=uncond, uncond_fn=uncond_fn), args.guidance_scale
 
-    progress = tqdm(range(run.state.stage_step, args.max_train_steps), initial=run.state.stage_step,
-                    total=args.max_train_steps, desc="stage 2: backtracking", disable=not acc.is_local_main_process)
+    progress = tqdm(
+        range(run.state.stage_step, args.max_train_steps),
+        initial=run.state.stage_step,
+        total=args.max_train_steps,
+        desc="stage 2: backtracking",
+        disable=not acc.is_local_main_process,
+    )
     for _ in progress:
         logs = {}
         # (a) the fake score tracks the generator: Eq. 7 on detached samples
@@ -550,8 +622,15 @@ def run_backtracking(run: Run, resume: str | None):
             with acc.autocast():
                 x0 = run.generate(generator, cond, z)
                 loss_g, info = distribution_matching_step(
-                    x0, cond, target, fake_score, guidance_scale=w, min_step=run.min_step, max_step=run.max_step,
-                    generator=run.noise)
+                    x0,
+                    cond,
+                    target,
+                    fake_score,
+                    guidance_scale=w,
+                    min_step=run.min_step,
+                    max_step=run.max_step,
+                    generator=run.noise,
+                )
             if run.finite_or_skip(loss_g, "generator DM"):
                 acc.backward(loss_g)
                 clip_and_step(acc, generator, opt_g, sched_g, args.max_grad_norm)
@@ -559,9 +638,15 @@ def run_backtracking(run: Run, resume: str | None):
                 opt_g.zero_grad(set_to_none=True)
             distance = acc.reduce(info["dm_distance"].detach().float(), reduction="mean").item()
             schedule.step(distance=distance)
-            logs.update({"backtracking/generator_loss": loss_g.item(), "backtracking/dm_distance": distance,
-                         "backtracking/grad_norm": info["grad_norm"].item(),
-                         "backtracking/target_node": schedule.target_node, "backtracking/lr": sched_g.get_last_lr()[0]})
+            logs.update(
+                {
+                    "backtracking/generator_loss": loss_g.item(),
+                    "backtracking/dm_distance": distance,
+                    "backtracking/grad_norm": info["grad_norm"].item(),
+                    "backtracking/target_node": schedule.target_node,
+                    "backtracking/lr": sched_g.get_last_lr()[0],
+                }
+            )
         run.log(logs, run.state.global_step)
         progress.set_postfix(target=f"P{schedule.target_node}", fake=f"{loss_f.item():.4f}")
         run.state.schedule = schedule.state_dict()
@@ -597,8 +682,15 @@ def save_final(run: Run, generator, schedule: BacktrackingSchedule, path: Degrad
         unet.load_state_dict(state)
         tok, tok2, te, te2 = run.text_parts
         vae = AutoencoderKL.from_pretrained(args.pretrained_teacher_model, subfolder="vae", revision=args.revision)
-        pipe = DisBackPipeline(vae=vae, text_encoder=te.float().cpu(), text_encoder_2=te2.float().cpu(), tokenizer=tok,
-                               tokenizer_2=tok2, unet=unet, scheduler=DisBackScheduler.from_config(run.scheduler_config))
+        pipe = DisBackPipeline(
+            vae=vae,
+            text_encoder=te.float().cpu(),
+            text_encoder_2=te2.float().cpu(),
+            tokenizer=tok,
+            tokenizer_2=tok2,
+            unet=unet,
+            scheduler=DisBackScheduler.from_config(run.scheduler_config),
+        )
         pipe.set_progress_bar_config(disable=True)
         training = {
             "teacher": args.pretrained_teacher_model,
@@ -623,8 +715,14 @@ def save_final(run: Run, generator, schedule: BacktrackingSchedule, path: Degrad
         }
         final = os.path.join(args.output_dir, "final")
         base = args.pretrained_teacher_model if not os.path.exists(args.pretrained_teacher_model) else None
-        save_for_hub(pipe, final, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-                     base_model=base, training=training, sample_prompts=args.validation_prompts)
+        save_for_hub(
+            pipe,
+            final,
+            args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+            base_model=base,
+            training=training,
+            sample_prompts=args.validation_prompts,
+        )
         logger.info(f"final pipeline written to {final}")
         if run.pusher:
             run.pusher.submit(final, commit_message="DisBack one-step generator (final)")

@@ -64,7 +64,9 @@ class PromptStream:
         warn_every: int = 100,
     ):
         if (dataset_name is None) == (data_files is None):
-            raise ValueError("give exactly one of `dataset_name` and `data_files` (`--dataset_name`/`--train_data_files`)")
+            raise ValueError(
+                "give exactly one of `dataset_name` and `data_files` (`--dataset_name`/`--train_data_files`)"
+            )
         self.caption_column = caption_column
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
@@ -90,7 +92,9 @@ class PromptStream:
         from datasets import load_dataset
 
         if dataset_name is not None:
-            return load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir)
+            return load_dataset(
+                dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir
+            )
         files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
         missing = [f for f in files if not os.path.exists(f)]
         if missing:
@@ -234,8 +238,12 @@ class RunState:
     schedule: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
-        return {"stage": self.stage, "stage_step": self.stage_step, "global_step": self.global_step,
-                "schedule": dict(self.schedule)}
+        return {
+            "stage": self.stage,
+            "stage_step": self.stage_step,
+            "global_step": self.global_step,
+            "schedule": dict(self.schedule),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.stage = state["stage"]
@@ -256,8 +264,14 @@ class BackgroundPusher:
     retried by `hub.push_folder`, then logged and kept in `failures`; training goes on.
     """
 
-    def __init__(self, repo_id: str, private: bool | None = None, token: str | None = None, max_retries: int = 3,
-                 retry_wait: float = 2.0):
+    def __init__(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | None = None,
+        max_retries: int = 3,
+        retry_wait: float = 2.0,
+    ):
         self.repo_id = repo_id
         self.private = private
         self._token = token  # never logged
@@ -291,8 +305,16 @@ class BackgroundPusher:
                 return
             snapshot, staging, path_in_repo, message = item
             try:
-                push_folder(snapshot, self.repo_id, private=self.private, token=self._token, commit_message=message,
-                            path_in_repo=path_in_repo, max_retries=self.max_retries, retry_wait=self.retry_wait)
+                push_folder(
+                    snapshot,
+                    self.repo_id,
+                    private=self.private,
+                    token=self._token,
+                    commit_message=message,
+                    path_in_repo=path_in_repo,
+                    max_retries=self.max_retries,
+                    retry_wait=self.retry_wait,
+                )
                 self.pushed.append(path_in_repo or ".")
                 logger.info("pushed %s to %s", path_in_repo or "the output folder", self.repo_id)
             except HubPushError as e:

@@ -122,7 +122,7 @@ class DegradationPath:
         file = f"node_{index:03d}.safetensors"
         target = os.path.join(self.directory, file)
         tmp = target + ".tmp"
-        save_file(state, tmp, metadata={"index": str(index), "step": str(step), "kind": self.kind})
+        save_file(state, tmp)  # no metadata: safetensors orders it differently per process, and the manifest has it
         os.replace(tmp, target)
         node = PathNode(index, int(step), self.kind, file, _sha256(target), os.path.getsize(target))
         self.nodes.append(node)

@@ -1,0 +1,174 @@
+"""The training script end to end at tiny size: both stages, resume after kill -9, DDP on CPU, Hub pushes, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusers_disback import DisBackPipeline
+from diffusers_disback.distill import DegradationPath
+from diffusers_disback.testing import save_tiny_teacher
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "examples", "train_disback", "train_disback_sdxl.py")
+PROMPTS = os.path.join(ROOT, "examples", "train_disback", "data", "demo_prompts.txt")
+TINY = [
+    "--resolution",
+    "64",
+    "--degradation_steps",
+    "4",
+    "--path_interval",
+    "2",
+    "--max_train_steps",
+    "6",
+    "--fake_score_update_ratio",
+    "2",
+    "--backtrack_interval",
+    "1",
+    "--checkpointing_steps",
+    "2",
+    "--validation_steps",
+    "0",
+    "--report_to",
+    "none",
+    "--learning_rate",
+    "1e-4",
+    "--lr_warmup_steps",
+    "0",
+    "--train_batch_size",
+    "2",
+    "--train_data_files",
+    PROMPTS,
+    "--shuffle_buffer",
+    "4",
+]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return save_tiny_teacher(str(tmp_path_factory.mktemp("teacher") / "tiny-sdxl"))
+
+
+def _cmd(teacher, out, *extra):
+    return [sys.executable, SCRIPT, "--pretrained_teacher_model", teacher, "--output_dir", str(out), *TINY, *extra]
+
+
+def _run(cmd, **kwargs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, **kwargs)
+
+
+def _final_unet(out):
+    return load_file(os.path.join(out, "final", "unet", "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    proc = _run(_cmd(teacher, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_both_stages_end_to_end(uninterrupted):
+    out, proc = uninterrupted
+    path = DegradationPath.load(out / "path")
+    assert [n.step for n in path.nodes] == [0, 2, 4]
+    a, b = path.node_state_dict(1), path.node_state_dict(2)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the path moved
+    state = json.loads((out / "checkpoints" / "checkpoint-10" / "run_state.json").read_text())
+    assert state["stage"] == "done" and state["schedule"]["target"] == 2  # walked back to the teacher
+    pipe = DisBackPipeline.from_pretrained(out / "final")
+    image = pipe("a cat", generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+    card = (out / "final" / "README.md").read_text()
+    assert "| path_nodes | 2 |" in card and "| generator_updates | 3 |" in card
+    # the blank line in the prompt file was counted and skipped, not trained on
+    assert json.loads((out / "checkpoints" / "checkpoint-10" / "data_0.json").read_text())["skipped"] >= 1
+
+
+def _kill_when(cmd, marker: str, timeout: float = 300):
+    """Starts the run and kill -9s it once `marker` (a path) exists."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    start = time.time()
+    while not os.path.exists(marker):
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before {marker} appeared")
+        if time.time() - start > timeout:
+            proc.kill()
+            raise AssertionError(f"{marker} did not appear in {timeout}s")
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.parametrize("kill_after", ["checkpoint-2", "checkpoint-6"])  # mid stage 1, mid stage 2
+def test_kill_and_resume_equals_uninterrupted(teacher, uninterrupted, tmp_path, kill_after):
+    out = tmp_path / "run"
+    cmd = _cmd(teacher, out)
+    _kill_when(cmd, str(out / "checkpoints" / kill_after))
+    proc = _run(cmd + ["--resume_from_checkpoint", "latest"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr
+    expected, got = _final_unet(uninterrupted[0]), _final_unet(out)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0, msg=k)
+    assert DegradationPath.load(out / "path").nodes == DegradationPath.load(uninterrupted[0] / "path").nodes
+
+
+def test_two_process_ddp_on_cpu(teacher, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        *_cmd(teacher, out)[1:],
+    ]
+    env_cpu = {"ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **env_cpu, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = out / "checkpoints" / "checkpoint-10"
+    assert (ckpt / "data_0.json").is_file() and (ckpt / "data_1.json").is_file()  # each rank's stream position
+    assert DisBackPipeline.from_pretrained(out / "final").unet is not None
+
+
+def test_hub_pushes_and_a_failed_push_does_not_stop_training(teacher, tmp_path, hub_server):
+    from huggingface_hub import list_repo_files
+
+    out = tmp_path / "hub"
+    # the path push (the first commit) is refused for good; the final push must still happen
+    hub_server.fail_next("commit", times=1, status=403)
+    proc = _run(_cmd(teacher, out, "--push_to_hub", "--hub_model_id", "user/disback-run", "--hub_token", "hf_test"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "push to user/disback-run failed, training goes on" in proc.stderr
+    files = set(list_repo_files("user/disback-run"))
+    assert {"model_index.json", "README.md", "pipeline.py", "unet/diffusion_pytorch_model.safetensors"} <= files
+    assert not any(f.startswith("path/") for f in files)  # that push failed ...
+    assert DegradationPath.load(out / "path")  # ... and the local path is intact
+    assert "hf_test" not in proc.stderr and "hf_test" not in (out / "final" / "README.md").read_text()
+    pipe = DisBackPipeline.from_pretrained("user/disback-run")
+    assert pipe.unet.config.sample_size == 8

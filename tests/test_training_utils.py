@@ -1,0 +1,144 @@
+"""The training glue in-process: prompt stream, conditioning, run state, background pushes, the script's arguments."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from diffusers_disback.testing import get_sdxl_components
+from diffusers_disback.training import (
+    BackgroundPusher,
+    EmptyStreamError,
+    PromptStream,
+    RunState,
+    SDXLConditioner,
+    unet_eps_fn,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location(
+        "train_disback_sdxl", os.path.join(ROOT, "examples", "train_disback", "train_disback_sdxl.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _prompts(tmp_path, lines):
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(lines) + "\n")
+    return str(f)
+
+
+def test_stream_skips_empty_captions_and_repeats_epochs(tmp_path):
+    stream = PromptStream(data_files=_prompts(tmp_path, ["a", "", "b", "   ", "c"]), shuffle_buffer=0)
+    assert stream.take(7) == ["a", "b", "c", "a", "b", "c", "a"]
+    assert stream.skipped == 4 and stream.epoch == 2
+
+
+def test_stream_resumes_exactly_mid_epoch_with_shuffling(tmp_path):
+    files = _prompts(tmp_path, [f"prompt {i}" for i in range(23)])
+    full = PromptStream(data_files=files, shuffle_buffer=8, seed=3)
+    reference = full.take(60)
+    first = PromptStream(data_files=files, shuffle_buffer=8, seed=3)
+    head = first.take(37)
+    resumed = PromptStream(data_files=files, shuffle_buffer=8, seed=3)
+    resumed.load_state_dict(first.state_dict())
+    assert head + resumed.take(23) == reference
+    assert reference[:23] != reference[23:46]  # each epoch is reshuffled
+
+
+def test_stream_splits_by_rank(tmp_path):
+    files = _prompts(tmp_path, [f"p{i}" for i in range(10)])
+    shards = [PromptStream(data_files=files, shuffle_buffer=0, rank=r, world_size=2).take(5) for r in (0, 1)]
+    assert set(shards[0]).isdisjoint(shards[1]) and len(set(shards[0]) | set(shards[1])) == 10
+
+
+def test_stream_errors(tmp_path):
+    with pytest.raises(EmptyStreamError, match="no usable caption"):
+        PromptStream(data_files=_prompts(tmp_path, ["", "  "])).take(1)
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt,other\na cat,1\n")
+    with pytest.raises(
+        KeyError, match=r"caption column 'text' not in the dataset; its columns are \['other', 'prompt'\]"
+    ):
+        PromptStream(data_files=str(csv)).take(1)
+    assert PromptStream(data_files=str(csv), caption_column="prompt").take(2) == ["a cat", "a cat"]
+    with pytest.raises(FileNotFoundError, match="not found"):
+        PromptStream(data_files=str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="exactly one"):
+        PromptStream()
+
+
+def test_conditioner_equals_the_pipeline_encoding():
+    from diffusers_disback import DisBackPipeline
+
+    c = get_sdxl_components("tiny", scheduler="disback")
+    conditioner = SDXLConditioner(c["tokenizer"], c["tokenizer_2"], c["text_encoder"], c["text_encoder_2"], 64)
+    cond = conditioner(["a cat", "a dog"], "cpu")
+    pipe = DisBackPipeline(**c)
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        ["a cat", "a dog"], device=torch.device("cpu"), do_classifier_free_guidance=False
+    )
+    torch.testing.assert_close(cond["prompt_embeds"], embeds)
+    torch.testing.assert_close(cond["text_embeds"], pooled)
+    assert cond["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
+    uncond = SDXLConditioner.uncond(cond)
+    assert uncond["prompt_embeds"].abs().sum() == 0 and torch.equal(uncond["time_ids"], cond["time_ids"])
+    eps = unet_eps_fn(c["unet"])(torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), cond)
+    assert eps.shape == (2, 4, 8, 8) and eps.dtype == torch.float32
+    with pytest.raises(ValueError, match="divisible by 8"):
+        SDXLConditioner(c["tokenizer"], c["tokenizer_2"], c["text_encoder"], c["text_encoder_2"], 60)
+
+
+def test_run_state_round_trip():
+    s = RunState(stage="backtracking", stage_step=7, global_step=17, schedule={"target": 2})
+    t = RunState()
+    t.load_state_dict(s.state_dict())
+    assert t == s
+
+
+def test_background_pusher_snapshots_and_survives_failures(hub_server, tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "a.txt").write_text("one")
+    pusher = BackgroundPusher("user/pusher-test", retry_wait=0.01, max_retries=1)
+    hub_server.fail_next("commit", times=2, status=500)
+    pusher.submit(str(folder), path_in_repo="checkpoints/c1")
+    pusher.wait()
+    assert len(pusher.failures) == 1 and (folder / "a.txt").read_text() == "one"  # nothing local lost
+    pusher.submit(str(folder), path_in_repo="checkpoints/c2")
+    (folder / "a.txt").write_text("changed after submit")  # the push uploads the snapshot taken at submit
+    pusher.close()
+    assert pusher.pushed == ["checkpoints/c2"]
+    assert hub_server.files("user/pusher-test")["checkpoints/c2/a.txt"] in (b"one", b"changed after submit")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--resolution", "60"], "divisible by 8"),
+        (["--dataset_name", "x/y"], "exactly one of --dataset_name and --train_data_files"),
+        (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+        (["--min_step_percent", "0.9", "--max_step_percent", "0.1"], "min_step_percent"),
+    ],
+)
+def test_script_argument_errors(extra, message, capsys):
+    script = _script()
+    base = ["--pretrained_teacher_model", "x", "--train_data_files", "p.txt"]
+    with pytest.raises(SystemExit):
+        script.parse_args(base + extra)
+    assert message in capsys.readouterr().err
+
+
+def test_script_defaults_are_the_reference_hyperparameters():
+    args = _script().parse_args(["--pretrained_teacher_model", "x", "--train_data_files", "p.txt"])
+    assert (args.learning_rate, args.guidance_scale, args.conditioning_timestep) == (5e-7, 8.0, 399)
+    assert (args.degradation_steps, args.path_interval, args.backtrack_interval) == (1000, 100, 1000)
+    assert (args.fake_score_update_ratio, args.max_grad_norm, args.lr_warmup_steps) == (5, 10.0, 500)
+    assert (args.adam_weight_decay, args.resolution, args.train_batch_size) == (0.01, 1024, 1)
+    assert (args.min_step_percent, args.max_step_percent) == (0.02, 0.98)
