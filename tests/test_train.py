@@ -89,6 +89,8 @@ def test_both_stages_end_to_end(uninterrupted):
     assert image.shape == (1, 64, 64, 3)
     card = (out / "final" / "README.md").read_text()
     assert "| path_nodes | 2 |" in card and "| generator_updates | 3 |" in card
+    assert (out / "validation" / "step-00000007.png").is_file()  # stage-2 step 3 = global step 7
+    assert any(f.startswith("events.out.tfevents") for _, _, files in os.walk(out / "logs") for f in files)
     # the blank line in the prompt file was counted and skipped, not trained on
     assert json.loads((out / "checkpoints" / "checkpoint-10" / "data_0.json").read_text())["skipped"] >= 1
 
@@ -109,11 +111,11 @@ def _kill_when(cmd, marker: str, timeout: float = 300):
     proc.wait()
 
 
-@pytest.mark.parametrize("kill_after", ["checkpoint-2", "checkpoint-6"])  # mid stage 1, mid stage 2
-def test_kill_and_resume_equals_uninterrupted(teacher, uninterrupted, tmp_path, kill_after):
+def test_kill_and_resume_equals_uninterrupted(teacher, uninterrupted, tmp_path):
     out = tmp_path / "run"
     cmd = _cmd(teacher, out)
-    _kill_when(cmd, str(out / "checkpoints" / kill_after))
+    _kill_when(cmd, str(out / "checkpoints" / "checkpoint-2"))  # killed mid stage 1 ...
+    _kill_when(cmd + ["--resume_from_checkpoint", "latest"], str(out / "checkpoints" / "checkpoint-6"))  # ... stage 2
     proc = _run(cmd + ["--resume_from_checkpoint", "latest"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr

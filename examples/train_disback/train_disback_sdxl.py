@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import logging
 import math
@@ -161,6 +162,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--push_to_hub needs --hub_model_id")
     if not 0 <= args.min_step_percent < args.max_step_percent <= 1:
         p.error("need 0 <= --min_step_percent < --max_step_percent <= 1")
+    trackers = {"all": ["tensorboard", "wandb"], "none": []}.get(args.report_to, args.report_to.split(","))
+    for name in trackers:
+        if name in ("tensorboard", "wandb") and importlib.util.find_spec(name) is None:
+            p.error(f"--report_to {args.report_to} needs {name}: pip install {name} (or --report_to none)")
     args.path_dir = args.path_dir or os.path.join(args.output_dir, "path")
     args.fake_learning_rate = args.fake_learning_rate or args.learning_rate
     args.degradation_learning_rate = args.degradation_learning_rate or args.learning_rate
