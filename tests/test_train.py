@@ -19,35 +19,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "train_disback", "train_disback_sdxl.py")
 PROMPTS = os.path.join(ROOT, "examples", "train_disback", "data", "demo_prompts.txt")
 TINY = [
-    "--resolution",
-    "64",
-    "--degradation_steps",
-    "4",
-    "--path_interval",
-    "2",
-    "--max_train_steps",
-    "6",
-    "--fake_score_update_ratio",
-    "2",
-    "--backtrack_interval",
-    "1",
-    "--checkpointing_steps",
-    "2",
-    "--validation_steps",
-    "0",
-    "--report_to",
-    "none",
-    "--learning_rate",
-    "1e-4",
-    "--lr_warmup_steps",
-    "0",
-    "--train_batch_size",
-    "2",
-    "--train_data_files",
-    PROMPTS,
-    "--shuffle_buffer",
-    "4",
-]
+    "--resolution", "64", "--degradation_steps", "4", "--path_interval", "2", "--max_train_steps", "6",
+    "--fake_score_update_ratio", "2", "--backtrack_interval", "1", "--checkpointing_steps", "2",
+    "--validation_steps", "3", "--learning_rate", "1e-4", "--lr_warmup_steps", "0",
+    "--train_batch_size", "2", "--train_data_files", PROMPTS, "--shuffle_buffer", "4",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
