@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,3 +151,32 @@ def test_hub_pushes_and_a_failed_push_does_not_stop_training(teacher, tmp_path, 
     assert "hf_test" not in proc.stderr and "hf_test" not in (out / "final" / "README.md").read_text()
     pipe = DisBackPipeline.from_pretrained("user/disback-run")
     assert pipe.unet.config.sample_size == 8
+
+
+def _launch_fsdp2(args):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           os.path.join(ROOT, "tests", "fsdp2_cpu_harness.py"), *args]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_fsdp2_with_gradient_checkpointing_and_sharded_resume(teacher, tmp_path):
+    out = tmp_path / "fsdp2"
+    args = _cmd(teacher, out, "--gradient_checkpointing")[2:]
+    proc = _launch_fsdp2(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = out / "checkpoints" / "checkpoint-8"
+    assert (ckpt / "pytorch_model_fsdp_0").is_dir() and (ckpt / "optimizer_1").is_dir()  # sharded, optimizers kept
+    assert len(DegradationPath.load(out / "path")) == 3  # nodes gathered to full state dicts
+    expected = _final_unet(out)
+
+    # resume mid stage 2 from the sharded checkpoint: the same final weights
+    again = tmp_path / "again"
+    shutil.copytree(out, again, ignore=shutil.ignore_patterns("checkpoint-10", "final"))
+    proc = _launch_fsdp2(_cmd(teacher, again, "--gradient_checkpointing", "--resume_from_checkpoint", "latest")[2:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = _final_unet(again)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0, msg=k)
+    assert DisBackPipeline.from_pretrained(again / "final").unet.config.sample_size == 8

@@ -48,7 +48,16 @@ from diffusers_disback.distill import (
     one_step_sample,
 )
 from diffusers_disback.hub import save_for_hub
-from diffusers_disback.training import BackgroundPusher, PromptStream, RunState, SDXLConditioner, unet_eps_fn
+from diffusers_disback.training import (
+    BackgroundPusher,
+    PromptStream,
+    RunState,
+    SDXLConditioner,
+    full_state_dict,
+    is_fsdp2_sharded,
+    lora_state_dict,
+    unet_eps_fn,
+)
 
 logger = get_logger(__name__)
 STAGES = ("degradation", "backtracking")
@@ -87,9 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fake_score_init", choices=["last_node", "teacher"], default="last_node")
     p.add_argument(
         "--intermediate_cfg",
-        choices=["teacher", "node", "none"],
-        default="teacher",
-        help="unconditional branch of CFG on intermediate nodes (see docs/method.md)",
+        choices=["none", "node", "teacher"],
+        default="none",
+        help="CFG on intermediate nodes: none (measured best on digits), the node's own unconditional branch, or the "
+        "teacher's (collapsed on digits); the teacher itself is always guided with --guidance_scale",
     )
     # distillation
     p.add_argument("--conditioning_timestep", type=int, default=399)
@@ -416,7 +426,14 @@ def save_image_grid(images: torch.Tensor, path: str):
 
 def clip_and_step(accelerator, model, optimizer, lr_scheduler, max_grad_norm):
     if accelerator.sync_gradients and max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        if is_fsdp2_sharded(model):
+            # accelerate's clip_grad_norm_ matches the parameters against each prepared model with `==`, which fails
+            # on DTensors when two prepared models share an architecture (the generator and the fake score); torch
+            # clips DTensor gradients itself
+            accelerator.unscale_gradients(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        else:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
     lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -499,12 +516,9 @@ def run_degradation(run: Run, resume: str | None):
         run.state.global_step += 1
         step = run.state.stage_step
         if step in steps_at:
-            if args.path_node_type == "full":
-                node_state = acc.get_state_dict(degrading)
-            else:
-                from peft import get_peft_model_state_dict
-
-                node_state = get_peft_model_state_dict(acc.unwrap_model(degrading), adapter_name="degradation")
+            node_state = full_state_dict(acc, degrading)
+            if args.path_node_type == "lora":
+                node_state = lora_state_dict(node_state, "degradation")
             if acc.is_main_process:
                 node = path.add_node(node_state, step)
                 logger.info(f"path node {node.index} at stage-1 step {step} ({node.num_bytes / 2**20:.1f} MiB)")
@@ -681,7 +695,7 @@ def _merged_lora_node(teacher, path: DegradationPath, index: int) -> dict:
 def save_final(run: Run, generator, schedule: BacktrackingSchedule, path: DegradationPath):
     """Gathers the generator's full state dict, builds the pipeline and writes it in the Hub layout; pushes it."""
     args, acc = run.args, run.accelerator
-    state = acc.get_state_dict(generator)
+    state = full_state_dict(acc, generator)
     if acc.is_main_process:
         unet = UNet2DConditionModel.from_config(run.teacher.config)
         unet.load_state_dict(state)

@@ -224,6 +224,35 @@ def _dtype_of(module: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
+def is_fsdp2_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 (`fully_shard`) sharded the model's parameters into DTensors."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """
+    The model's full (unsharded) state dict on the main process, under any distributed setup. Under FSDP2 accelerate's
+    `get_state_dict` hands back sharded DTensors with a sharded state-dict config, so the full one is gathered with
+    `torch.distributed.checkpoint` (other ranks get an empty dict; every rank must call this).
+    """
+    if is_fsdp2_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return accelerator.get_state_dict(model)
+
+
+def lora_state_dict(full_state: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+    """One adapter's weights, keyed as peft saves them (`...lora_A.weight`), from a gathered full state dict."""
+    return {
+        k.replace(f".{adapter_name}.", "."): v
+        for k, v in full_state.items()
+        if "lora_" in k and f".{adapter_name}." in k
+    }
+
+
 # ------------------------------------------------------------------------------------------------- run state
 
 
