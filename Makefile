@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/inference.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/train_step.py
 
 style: $(STAMP)
 	$(VENV)/bin/ruff format src tests benchmarks examples

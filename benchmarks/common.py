@@ -283,16 +283,9 @@ def run_distillation(
         last = len(path) - 1
         if cfg.method == "disback" and cfg.fake_init == "teacher":
             fake = copy.deepcopy(teacher)
-        else:  # s_phi <- R[0], the most degraded node (a full copy of it)
-            fake = copy.deepcopy(switcher.activate(last))
-            if cfg.node_kind == "lora":
-                from peft.tuners.tuners_utils import BaseTunerLayer
-
-                # merge the active node into plain weights: the fake score trains as a full network
-                for m in fake.modules():
-                    if isinstance(m, BaseTunerLayer):
-                        m.merge(adapter_names=[f"node_{last}"])
-                fake = _strip_lora(fake, teacher)
+        else:  # s_phi <- R[0], the most degraded node
+            fake = copy.deepcopy(teacher)
+            fake.load_state_dict(path.merged_state_dict(teacher, last))
         nodes = 1 if cfg.method == "warm" else len(path)
         schedule_ = BacktrackingSchedule(
             num_nodes=nodes,
@@ -365,16 +358,6 @@ def run_distillation(
             )
     workdir.cleanup()
     return history
-
-
-def _strip_lora(model_with_merged_lora: nn.Module, teacher: EpsMLP) -> EpsMLP:
-    """A plain copy of the teacher's architecture carrying the merged weights of a LoRA-wrapped model."""
-    plain = copy.deepcopy(teacher)
-    merged = {
-        k.replace(".base_layer.", "."): v for k, v in model_with_merged_lora.state_dict().items() if "lora_" not in k
-    }
-    plain.load_state_dict(merged, strict=True)
-    return plain
 
 
 # ---------------------------------------------------------------------------------------------------- metrics

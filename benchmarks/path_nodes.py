@@ -88,7 +88,7 @@ def measure(config: dict, num_nodes: int, rank: int, repeats: int, dtype=torch.f
             path = record_path(os.path.join(d, kind), teacher, kind, num_nodes, rank)
             target = UNet2DConditionModel.from_config(teacher.config).to(dtype)
             target.load_state_dict(teacher.state_dict())
-            switcher = NodeSwitcher(path, target, teacher=teacher)
+            switcher = NodeSwitcher(path, target, teacher=teacher, cache=True)
             out[kind] = {
                 "node_bytes": path.nodes[1].num_bytes,
                 "switch_ms": time_switches(switcher, num_nodes, repeats),

@@ -58,3 +58,14 @@ def test_path_nodes_benchmark_quick():
     )
     assert sdxl["params"] == 2_567_463_684  # SDXL base UNet
     assert sdxl["lora_bytes"] < 0.05 * sdxl["full_bytes"]
+
+
+def test_train_step_benchmark_quick():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import train_step
+    finally:
+        sys.path.pop(0)
+    result = train_step.main(["--quick"])
+    assert result["iteration_ms"] > 0 and result["passes_ms"] > 0 and result["peak_gib"] > 0
+    assert set(result["parts"]) >= {"text encoders", "teacher forward x2 (CFG)", "generator backward + step"}

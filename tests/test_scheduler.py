@@ -34,7 +34,7 @@ def test_many_steps_cover_the_schedule_and_match_lcm():
     s.set_timesteps(1000)
     assert s.timesteps.tolist() == list(range(999, -1, -1))
     lcm = LCMScheduler.from_config(s.config, original_inference_steps=1000)
-    for n in (2, 3, 4, 8, 25):
+    for n in (2, 3, 4, 5, 6, 7, 8, 9, 25, 37):
         s.set_timesteps(n)
         lcm.set_timesteps(n)
         assert s.timesteps.tolist() == lcm.timesteps.tolist(), n

@@ -60,7 +60,7 @@ def test_both_stages_end_to_end(uninterrupted):
     a, b = path.node_state_dict(1), path.node_state_dict(2)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the path moved
     state = json.loads((out / "checkpoints" / "checkpoint-10" / "run_state.json").read_text())
-    assert state["stage"] == "done" and state["schedule"]["target"] == 2  # walked back to the teacher
+    assert state["stage_step"] == 6 and state["schedule"]["target"] == 2  # walked back to the teacher
     pipe = DisBackPipeline.from_pretrained(out / "final")
     image = pipe("a cat", generator=torch.Generator().manual_seed(0), output_type="np").images
     assert image.shape == (1, 64, 64, 3)

@@ -142,3 +142,21 @@ def test_script_defaults_are_the_reference_hyperparameters():
     assert (args.fake_score_update_ratio, args.max_grad_norm, args.lr_warmup_steps) == (5, 10.0, 500)
     assert (args.adam_weight_decay, args.resolution, args.train_batch_size) == (0.01, 1024, 1)
     assert (args.min_step_percent, args.max_step_percent) == (0.02, 0.98)
+
+
+def test_nan_policy():
+    import types
+
+    from accelerate import PartialState
+
+    PartialState()  # accelerate's logger needs the process state
+    script = _script()
+    single_process = types.SimpleNamespace(gather=lambda t: t, process_index=0)
+    run = types.SimpleNamespace(
+        args=types.SimpleNamespace(nan_policy="abort"), state=RunState(global_step=12), accelerator=single_process
+    )
+    assert script.Run.finite_or_skip(run, torch.tensor(1.0), "generator DM") is True
+    with pytest.raises(FloatingPointError, match="generator DM loss is nan on rank 0 .* at global step 12"):
+        script.Run.finite_or_skip(run, torch.tensor(float("nan")), "generator DM")
+    run.args.nan_policy = "skip"
+    assert script.Run.finite_or_skip(run, torch.tensor(float("inf")), "fake-score DSM") is False

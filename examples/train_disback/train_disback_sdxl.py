@@ -198,13 +198,21 @@ def load_frozen_components(args, weight_dtype):
     return tok, tok2, te.to(weight_dtype), te2.to(weight_dtype), teacher.to(weight_dtype), scheduler
 
 
+def teacher_unet_fp32(args) -> UNet2DConditionModel:
+    """The teacher's UNet read again in fp32: trainable copies start from its exact weights, not the frozen teacher's
+    bf16/fp16 rounding."""
+    return UNet2DConditionModel.from_pretrained(
+        args.pretrained_teacher_model, subfolder="unet", revision=args.revision, variant=args.variant
+    ).to(torch.float32)
+
+
 def load_initial_generator(args, teacher: UNet2DConditionModel) -> UNet2DConditionModel:
-    """The generator's starting point in fp32: the teacher, a diffusers UNet, or a raw checkpoint (strictly)."""
+    """The generator's starting point in fp32: the teacher, a diffusers UNet, or a raw checkpoint (strictly; a local
+    file or `owner/repo/file.bin` on the Hub)."""
     src = args.pretrained_generator
     if src is None:
-        gen = UNet2DConditionModel.from_config(teacher.config)
-        gen.load_state_dict(teacher.state_dict())
-    elif os.path.isfile(src):
+        gen = teacher_unet_fp32(args)
+    elif os.path.isfile(src) or src.endswith((".bin", ".pt", ".pth", ".ckpt", ".safetensors")):
         gen = load_unet_checkpoint(src, config=teacher.config)
     else:
         sub = "unet" if os.path.isdir(os.path.join(src, "unet")) else None
@@ -279,7 +287,7 @@ class Run:
         self.text_parts = (tok, tok2, te, te2)
         self.latent_shape = (4, args.resolution // 8, args.resolution // 8)
         T = self.noise_schedule.num_train_timesteps
-        self.min_step, self.max_step = int(args.min_step_percent * T), int(args.max_step_percent * T) - 1
+        self.min_step, self.max_step = int(args.min_step_percent * T), min(int(args.max_step_percent * T), T - 1)
         self.stream = PromptStream(
             dataset_name=args.dataset_name,
             dataset_config_name=args.dataset_config_name,
@@ -316,9 +324,12 @@ class Run:
         )
 
     def finite_or_skip(self, loss: torch.Tensor, what: str) -> bool:
-        if torch.isfinite(loss):
+        """Whether to apply this update. Decided together by all ranks (a rank that skipped backward alone would
+        leave the others waiting in the gradient all-reduce)."""
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        if bool(self.accelerator.gather(finite).min() > 0):
             return True
-        msg = f"{what} loss is {loss.item()} at global step {self.state.global_step}"
+        msg = f"{what} loss is {loss.item()} on rank {self.accelerator.process_index} (or another rank) at global step {self.state.global_step}"
         if self.args.nan_policy == "abort":
             raise FloatingPointError(msg + "; stopping (--nan_policy abort). Lower the learning rate or check data.")
         logger.warning(msg + "; skipping this update (--nan_policy skip)")
@@ -406,6 +417,12 @@ class Run:
                     {"validation": [wandb.Image(grid, caption=" | ".join(args.validation_prompts))]}, step=step
                 )
 
+    def report_peak_memory(self, what: str):
+        if torch.cuda.is_available():
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            logger.info(f"{what}: peak GPU memory {peak:.2f} GiB on rank {self.accelerator.process_index}")
+            torch.cuda.reset_peak_memory_stats()
+
     def finish(self):
         if self.pusher is not None:
             self.pusher.close()
@@ -446,9 +463,7 @@ def run_degradation(run: Run, resume: str | None):
     """Stage 1: fine-tune a copy of the teacher on the frozen initial generator's samples; record the path."""
     args, acc = run.args, run.accelerator
     generator = load_initial_generator(args, run.teacher).to(acc.device, run.weight_dtype).requires_grad_(False)
-    degrading = UNet2DConditionModel.from_config(run.teacher.config)
-    degrading.load_state_dict(run.teacher.state_dict())
-    degrading = degrading.to(torch.float32)
+    degrading = teacher_unet_fp32(args)
     lora_config = None
     if args.path_node_type == "lora":
         from peft import LoraConfig
@@ -480,13 +495,15 @@ def run_degradation(run: Run, resume: str | None):
     path = None
     if resume:
         run.restore(resume)
+    has_path = os.path.exists(os.path.join(args.path_dir, "path_manifest.json"))
+    if has_path and not resume:  # checked on every rank (shared output dir), so no rank is left waiting
+        raise FileExistsError(
+            f"{args.path_dir} already holds a path and there is no checkpoint to resume from "
+            f"({os.path.join(args.output_dir, 'checkpoints')}); pass --resume_from_checkpoint latest, another "
+            "--path_dir, or --stage backtracking to use that path (nothing was overwritten)"
+        )
     if acc.is_main_process:
-        if os.path.exists(os.path.join(args.path_dir, "path_manifest.json")):
-            if not resume:
-                raise FileExistsError(
-                    f"{args.path_dir} already holds a path; pass --resume_from_checkpoint or "
-                    "another --path_dir (nothing was overwritten)"
-                )
+        if has_path:
             path = DegradationPath.load(args.path_dir)
             path.truncate(run.state.stage_step)  # nodes after the checkpoint are recorded again
         else:
@@ -531,6 +548,7 @@ def run_degradation(run: Run, resume: str | None):
             if step == args.degradation_steps:
                 run.state.stage, run.state.stage_step = "backtracking", 0
             run.save_checkpoint()
+    run.report_peak_memory("stage 1")
     if acc.is_main_process and run.pusher:
         run.pusher.submit(args.path_dir, path_in_repo="path", commit_message="Degradation path (stage 1)")
     acc.wait_for_everyone()
@@ -547,16 +565,9 @@ def run_backtracking(run: Run, resume: str | None):
     path = DegradationPath.load(args.path_dir)
     last = len(path) - 1
     generator = load_initial_generator(args, run.teacher)
-    fake = UNet2DConditionModel.from_config(run.teacher.config)
-    if args.fake_score_init == "teacher" or last == 0:
-        fake.load_state_dict(run.teacher.state_dict())
-        fake = fake.to(torch.float32)
-    else:  # s_phi <- R[0], the most degraded node
-        fake = fake.to(torch.float32)
-        if path.kind == "full":
-            path.load_node(fake, last)
-        else:
-            fake.load_state_dict(_merged_lora_node(run.teacher, path, last))
+    fake = teacher_unet_fp32(args)
+    if args.fake_score_init == "last_node" and last > 0:  # s_phi <- R[0], the most degraded node
+        fake.load_state_dict(path.merged_state_dict(fake, last))
     target_model = copy.deepcopy(run.teacher)
     switcher = NodeSwitcher(path, target_model, teacher=run.teacher)
     schedule = BacktrackingSchedule(
@@ -570,6 +581,14 @@ def run_backtracking(run: Run, resume: str | None):
         if args.gradient_checkpointing:
             m.enable_gradient_checkpointing()
     r = args.fake_score_update_ratio
+    needed = (len(path) - 2) * args.backtrack_interval  # generator updates until the target is the teacher
+    if last > 0 and math.ceil(args.max_train_steps / r) <= needed:
+        logger.warning(
+            f"--max_train_steps {args.max_train_steps} gives {math.ceil(args.max_train_steps / r)} generator updates, "
+            f"but the target reaches the teacher only after {needed} ({len(path) - 1} nodes x --backtrack_interval "
+            f"{args.backtrack_interval}): the run ends on an intermediate node. Raise --max_train_steps above "
+            f"{needed * r} or lower --backtrack_interval."
+        )
     opt_g = make_optimizer(args, generator.parameters(), args.learning_rate)
     opt_f = make_optimizer(args, fake.parameters(), args.fake_learning_rate)
     n_gen = math.ceil(args.max_train_steps / r)
@@ -621,7 +640,7 @@ def run_backtracking(run: Run, resume: str | None):
         logs = {}
         # (a) the fake score tracks the generator: Eq. 7 on detached samples
         cond, z = run.batch()
-        with torch.no_grad():
+        with torch.no_grad(), acc.autocast():
             x0 = run.generate(generator, cond, z)
         with acc.autocast():
             loss_f = denoising_score_matching_loss(fake_score, x0, cond, generator=run.noise)
@@ -672,24 +691,9 @@ def run_backtracking(run: Run, resume: str | None):
         if args.validation_steps and step % args.validation_steps == 0:
             run.validate(generator, run.state.global_step)
         if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
-            if step == args.max_train_steps:
-                run.state.stage = "done"
-            run.save_checkpoint()
+            run.save_checkpoint()  # resuming the last one runs no iteration but still writes the final pipeline
+    run.report_peak_memory("stage 2")
     save_final(run, generator, schedule, path)
-
-
-def _merged_lora_node(teacher, path: DegradationPath, index: int) -> dict:
-    """The full weights of a LoRA node: the teacher with that node's adapter merged."""
-    from peft import LoraConfig
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    model = copy.deepcopy(teacher).to(torch.float32)
-    add_lora_adapter(model, LoraConfig(**path.lora_config), adapter_name="degradation")
-    path.load_node(model, index)
-    for m in model.modules():
-        if isinstance(m, BaseTunerLayer):
-            m.merge(adapter_names=["degradation"])
-    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
 
 
 def save_final(run: Run, generator, schedule: BacktrackingSchedule, path: DegradationPath):
@@ -711,6 +715,7 @@ def save_final(run: Run, generator, schedule: BacktrackingSchedule, path: Degrad
             scheduler=DisBackScheduler.from_config(run.scheduler_config),
         )
         pipe.set_progress_bar_config(disable=True)
+        pipe.to(acc.device)  # samples for the card render on the accelerator
         training = {
             "teacher": args.pretrained_teacher_model,
             "initial_generator": args.pretrained_generator or "the teacher",
@@ -760,7 +765,7 @@ def main(argv=None):
     stages = STAGES if args.stage == "all" else (args.stage,)
     try:
         for stage in stages:
-            if resumed_stage == "done" or (resumed_stage == "backtracking" and stage == "degradation"):
+            if resumed_stage == "backtracking" and stage == "degradation":
                 continue
             stage_resume = resume if resumed_stage == stage or (resumed_stage == "backtracking") else None
             if stage == "degradation":

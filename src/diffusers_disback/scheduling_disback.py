@@ -38,7 +38,7 @@ def disback_timesteps(
     The timesteps a DisBack / DMD2 generator is sampled at.
 
     One step feeds pure noise at the conditioning timestep (`[399]` for SDXL). `N > 1` steps are evenly spaced down
-    from the last training timestep, `t_k = T - 1 - k * (T // N)`, the rule DMD2's lists follow:
+    from the last training timestep, `t_k = T - 1 - floor(k T / N)`, the rule DMD2's lists follow:
     `4 -> [999, 749, 499, 249]`, `2 -> [999, 499]`. (diffusers' `LCMScheduler` with `original_inference_steps=T`
     gives the same lists, which is what lets plain diffusers sample a DisBack repo without this package.)
 
@@ -56,8 +56,9 @@ def disback_timesteps(
         )
     if num_inference_steps == 1:
         return [int(conditioning_timestep)]
-    stride = num_train_timesteps // num_inference_steps
-    return [num_train_timesteps - 1 - k * stride for k in range(num_inference_steps)]
+    return [
+        num_train_timesteps - 1 - (k * num_train_timesteps) // num_inference_steps for k in range(num_inference_steps)
+    ]
 
 
 class DisBackScheduler(SchedulerMixin, ConfigMixin):

@@ -207,11 +207,12 @@ def get_sdxl_components(size: str = "tiny", seed: int = 0, scheduler: str = "eul
     }
 
 
-def save_tiny_teacher(output_dir: str, seed: int = 0) -> str:
-    """Saves a tiny SDXL-shaped teacher as a `StableDiffusionXLPipeline` folder and returns its path."""
+def save_tiny_teacher(output_dir: str, seed: int = 0, size: str = "tiny") -> str:
+    """Saves a tiny SDXL-shaped teacher (or, with `size="sdxl"`, an SDXL-sized random one) as a
+    `StableDiffusionXLPipeline` folder and returns its path."""
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline(**get_sdxl_components("tiny", seed=seed))
+    pipe = StableDiffusionXLPipeline(**get_sdxl_components(size, seed=seed))
     pipe.save_pretrained(output_dir)
     return output_dir
 
@@ -220,8 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Save a tiny SDXL-shaped teacher pipeline (random weights).")
     parser.add_argument("output_dir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", choices=["tiny", "sdxl"], default="tiny", help="sdxl: SDXL-sized (about 14 GB)")
     args = parser.parse_args(argv)
-    print(save_tiny_teacher(args.output_dir, seed=args.seed))
+    print(save_tiny_teacher(args.output_dir, seed=args.seed, size=args.size))
 
 
 if __name__ == "__main__":

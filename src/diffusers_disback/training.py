@@ -313,7 +313,8 @@ class BackgroundPusher:
         self._thread.start()
 
     def submit(self, folder: str, path_in_repo: str | None = None, commit_message: str = "Upload") -> None:
-        staging = tempfile.mkdtemp(prefix="disback-push-")
+        # next to the folder: same filesystem, so the snapshot is hard links, not a copy of tens of GB
+        staging = tempfile.mkdtemp(prefix="disback-push-", dir=os.path.dirname(os.path.abspath(folder)))
         snapshot = os.path.join(staging, os.path.basename(os.path.normpath(folder)))
         try:
             shutil.copytree(folder, snapshot, copy_function=_link_or_copy)

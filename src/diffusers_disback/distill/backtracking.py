@@ -129,8 +129,9 @@ class BacktrackingSchedule:
                 raise ValueError(
                     f"checkpoint's backtracking schedule has {key}={state[key]!r}, this run has {getattr(self, key)!r}"
                 )
-        for key, value in state.items():
-            setattr(self, key, value)
+        # the position only: settings such as `interval` come from this run's arguments
+        for key in ("updates", "target", "updates_on_target", "reference_distance", "smoothed_distance"):
+            setattr(self, key, state[key])
 
     @classmethod
     def fixed_target_at(cls, num_nodes: int, interval: int, updates: int) -> int:

@@ -228,6 +228,27 @@ class DegradationPath:
         else:
             _load_lora_strict(model, state, adapter_name, f"node {index}")
 
+    def merged_state_dict(self, base: torch.nn.Module, index: int) -> dict[str, torch.Tensor]:
+        """
+        The full weights of node `index`, as a plain state dict of `base`'s architecture: a full node's tensors, or
+        for a LoRA node `base` (the teacher; pass it in fp32 for exact weights) with the node's adapter merged in.
+        `base` itself is not modified. Use it to start the fake score at the most degraded node.
+        """
+        if self.kind == "full":
+            return self.node_state_dict(index)
+        import copy
+
+        from peft import LoraConfig
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        model = copy.deepcopy(base)
+        add_lora_adapter(model, LoraConfig(**self.lora_config), adapter_name="merge")
+        _load_lora_strict(model, self.node_state_dict(index), "merge", f"node {index}")
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge(adapter_names=["merge"])
+        return {_base_key(k): v for k, v in model.state_dict().items() if "lora_" not in k}
+
     def reversed_nodes(self) -> list[int]:
         """The backtracking order `R = [P_N, ..., P_1, P_0]` as node indices: `R[0]` most degraded, `R[N]` the
         teacher."""
@@ -263,11 +284,16 @@ class NodeSwitcher:
         model: the module that becomes the target (LoRA: a copy of the teacher, or the teacher itself; full: a module
             of the teacher's architecture).
         teacher: the teacher module (full paths: the node-0 score).
-        cache: full paths: keep the node tensors in CPU memory after the first read.
+        cache: full paths: keep every node's tensors in CPU memory after its first read (fast switching back and
+            forth, e.g. in benchmarks; off by default: backtracking visits each node once, and an SDXL node is ~10 GB).
     """
 
     def __init__(
-        self, path: DegradationPath, model: torch.nn.Module, teacher: torch.nn.Module | None = None, cache: bool = True
+        self,
+        path: DegradationPath,
+        model: torch.nn.Module,
+        teacher: torch.nn.Module | None = None,
+        cache: bool = False,
     ):
         self.path = path
         self.model = model
@@ -284,7 +310,8 @@ class NodeSwitcher:
                 with warnings.catch_warnings():  # peft warns on every adapter after the first: that is the point
                     warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                     add_lora_adapter(model, config, adapter_name=f"node_{node.index}")
-                _load_lora_strict(model, path.node_state_dict(node.index), f"node_{node.index}", f"node {node.index}")
+                state = path.node_state_dict(node.index, verify=False)  # verified when the path was loaded
+                _load_lora_strict(model, state, f"node_{node.index}", f"node {node.index}")
             model.requires_grad_(False)
             from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -305,7 +332,7 @@ class NodeSwitcher:
             self.active = 0
             return self.teacher
         if self.active != index:
-            state = self._cached.get(index) or self.path.node_state_dict(index)
+            state = self._cached.get(index) or self.path.node_state_dict(index, verify=False)
             if self.cache:
                 self._cached[index] = state
             _load_strict(self.model, state, f"node {index}")

@@ -1,0 +1,206 @@
+"""Cost of one DisBack training iteration against the sum of the passes it is made of, and peak memory.
+
+One stage-2 iteration (`r = 1`, so both updates run every iteration), written with the same calls as
+`examples/train_disback/train_disback_sdxl.py` (`distill` losses on `training.unet_eps_fn` scores, AdamW, grad-norm
+clipping, the backtracking schedule), is timed against the same work done as bare passes: text encoding, the
+generator's forward without grad, the fake score's forward + backward + step, the generator's forward with grad, the
+target's two CFG passes and the fake score's pass without grad, and the generator's backward + step. The ratio is
+the overhead of the library's glue (goal: <= 1.10x). Both are measured interleaved in one process.
+
+    python benchmarks/train_step.py                        # tiny components, CPU
+    python benchmarks/train_step.py --quick                # a few repeats (test suite)
+    python benchmarks/train_step.py --size sdxl --device cuda --dtype bfloat16 --resolution 1024   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from diffusers_disback.distill import (  # noqa: E402
+    BacktrackingSchedule,
+    NoiseSchedule,
+    Score,
+    denoising_score_matching_loss,
+    distribution_matching_step,
+    one_step_sample,
+)
+from diffusers_disback.testing import get_sdxl_components  # noqa: E402
+from diffusers_disback.training import SDXLConditioner, unet_eps_fn  # noqa: E402
+
+PROMPTS = ["a photo of an astronaut riding a horse on mars", "a red fox in a snowy forest"]
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def build(size: str, device: str, dtype: torch.dtype, resolution: int, gradient_checkpointing: bool):
+    c = get_sdxl_components(size)
+    teacher = c["unet"].to(device, dtype).requires_grad_(False)
+    generator = copy.deepcopy(c["unet"]).to(device, torch.float32).requires_grad_(True).train()
+    fake = copy.deepcopy(c["unet"]).to(device, torch.float32).requires_grad_(True).train()
+    if gradient_checkpointing:
+        generator.enable_gradient_checkpointing()
+        fake.enable_gradient_checkpointing()
+    conditioner = SDXLConditioner(
+        c["tokenizer"],
+        c["tokenizer_2"],
+        c["text_encoder"].to(device, dtype),
+        c["text_encoder_2"].to(device, dtype),
+        resolution,
+    )
+    opt_g = torch.optim.AdamW(generator.parameters(), lr=1e-6)
+    opt_f = torch.optim.AdamW(fake.parameters(), lr=1e-6)
+    return teacher, generator, fake, conditioner, opt_g, opt_f
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=["tiny", "sdxl"], default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="autocast dtype of the passes; the teacher is stored in it",
+    )
+    parser.add_argument("--resolution", type=int, default=None, help="default: 64 tiny, 1024 sdxl")
+    parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats = 2
+    resolution = args.resolution or (64 if args.size == "tiny" else 1024)
+    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    teacher, generator, fake, conditioner, opt_g, opt_f = build(
+        args.size, device, dtype, resolution, args.gradient_checkpointing
+    )
+    schedule = NoiseSchedule.ddpm()
+    shape = (args.batch_size, 4, resolution // 8, resolution // 8)
+    prompts = (PROMPTS * args.batch_size)[: args.batch_size]
+    noise_gen = torch.Generator().manual_seed(0)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    g_eps, f_eps, t_eps = unet_eps_fn(generator), unet_eps_fn(fake), unet_eps_fn(teacher)
+    backtracking = BacktrackingSchedule(num_nodes=1)
+
+    def iteration():
+        """What the script does per iteration with r = 1, through the library."""
+        cond = conditioner(prompts, device)
+        z = torch.randn(shape, generator=noise_gen).to(device)
+        with torch.no_grad(), autocast:
+            x0 = one_step_sample(g_eps, z, cond, schedule)
+        with autocast:
+            loss_f = denoising_score_matching_loss(Score(f_eps, schedule), x0, cond, generator=noise_gen)
+        loss_f.backward()
+        torch.nn.utils.clip_grad_norm_(fake.parameters(), 10.0)
+        opt_f.step()
+        opt_f.zero_grad(set_to_none=True)
+        target = Score(t_eps, schedule, uncond=SDXLConditioner.uncond(cond))
+        with autocast:
+            x0 = one_step_sample(g_eps, z, cond, schedule)
+            loss_g, info = distribution_matching_step(
+                x0, cond, target, Score(f_eps, schedule), guidance_scale=8.0, generator=noise_gen
+            )
+        loss_g.backward()
+        torch.nn.utils.clip_grad_norm_(generator.parameters(), 10.0)
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        backtracking.step(distance=float(info["dm_distance"]))
+
+    def passes() -> dict:
+        """The same work as bare passes, each timed on its own."""
+        times = {}
+
+        def timed(name, fn):
+            _sync(device)
+            start = time.perf_counter()
+            out = fn()
+            _sync(device)
+            times[name] = times.get(name, 0.0) + time.perf_counter() - start
+            return out
+
+        cond = timed("text encoders", lambda: conditioner(prompts, device))
+        z = torch.randn(shape).to(device)
+        t = torch.full((shape[0],), 399, device=device)
+        tt = torch.randint(20, 980, (shape[0],), device=device)
+        uncond = SDXLConditioner.uncond(cond)
+
+        def fwd(eps, c, ts):
+            with autocast:
+                return eps(z, ts, c)
+
+        with torch.no_grad():
+            timed("generator forward (no grad)", lambda: fwd(g_eps, cond, t))
+
+        def fake_update():
+            fwd(f_eps, cond, tt).pow(2).mean().backward()
+            torch.nn.utils.clip_grad_norm_(fake.parameters(), 10.0)
+            opt_f.step()
+            opt_f.zero_grad(set_to_none=True)
+
+        timed("fake score forward + backward + step", fake_update)
+        out = timed("generator forward (grad)", lambda: fwd(g_eps, cond, t))
+        with torch.no_grad():
+            timed("teacher forward x2 (CFG)", lambda: (fwd(t_eps, cond, tt), fwd(t_eps, uncond, tt)))
+            timed("fake score forward (no grad)", lambda: fwd(f_eps, cond, tt))
+
+        def gen_update():
+            out.pow(2).mean().backward()
+            torch.nn.utils.clip_grad_norm_(generator.parameters(), 10.0)
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
+
+        timed("generator backward + step", gen_update)
+        return times
+
+    iteration()  # warm-up: optimizer states, kernels, allocations
+    passes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    it_times, pass_times = [], []
+    for _ in range(args.repeats):
+        _sync(device)
+        start = time.perf_counter()
+        iteration()
+        _sync(device)
+        it_times.append(time.perf_counter() - start)
+        pass_times.append(passes())
+    it = statistics.median(it_times) * 1000
+    parts = {k: statistics.median(p[k] for p in pass_times) * 1000 for k in pass_times[0]}
+    total = sum(parts.values())
+    print(
+        f"\ntraining iteration, {args.size} components, {resolution}x{resolution}, batch {args.batch_size}, "
+        f"{device}, {args.dtype}, {args.repeats} repeats (medians), seed 0"
+    )
+    print("| figure | ms | ratio |")
+    print("| --- | ---: | ---: |")
+    for name, ms in parts.items():
+        print(f"| {name} | {ms:.1f} | {ms / total:.1%} of the passes |")
+    print(f"| sum of the passes | {total:.1f} | 1.000x |")
+    print(f"| one iteration (library glue, as the script) | {it:.1f} | {it / total:.3f}x |")
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        print(f"| peak GPU memory | {peak:.2f} GiB | |")
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"| peak process memory (RSS) | {peak:.2f} GiB | |")
+    return {"iteration_ms": it, "passes_ms": total, "ratio": it / total, "peak_gib": peak, "parts": parts}
+
+
+if __name__ == "__main__":
+    main()
