@@ -79,7 +79,7 @@ def main() -> None:
         f"written to {grid_path}; path, checkpoints, validation images and TensorBoard logs in {run_dir}"
     )
 
-    reference = np.asarray(images[0], dtype=np.float32)
+    reference = np.asarray(pipe(PROMPTS[0], generator=torch.Generator().manual_seed(0)).images[0], dtype=np.float32)
     plain = StableDiffusionXLPipeline.from_pretrained(final)
     remote = DiffusionPipeline.from_pretrained(final, custom_pipeline=final, trust_remote_code=True)
     for name, p, kwargs in (
