@@ -31,8 +31,9 @@ echo "== training script, FSDP2 on one GPU"
 TEACHER=/tmp/disback-teacher-$SIZE
 [ -f "$TEACHER/model_index.json" ] || python3 -m diffusers_disback.testing "$TEACHER" --size "$SIZE" >/dev/null
 CONFIG=examples/train_disback/configs/fsdp2.yaml; [ "$DEVICE" = cpu ] && CONFIG=examples/train_disback/configs/cpu_demo.yaml
+TIMEV=""; [ -x /usr/bin/time ] && TIMEV="/usr/bin/time -v"
 for NODES in full lora; do
-  /usr/bin/time -v python3 -m accelerate.commands.launch --config_file "$CONFIG" --num_processes 1 \
+  $TIMEV python3 -m accelerate.commands.launch --config_file "$CONFIG" --num_processes 1 \
     examples/train_disback/train_disback_sdxl.py --pretrained_teacher_model "$TEACHER" \
     --train_data_files examples/train_disback/data/demo_prompts.txt --output_dir "/tmp/disback-run-$NODES" \
     --resolution "$RES" --degradation_steps "$STEPS" --path_interval 1 --path_node_type "$NODES" \
