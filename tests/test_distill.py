@@ -322,3 +322,18 @@ def test_node_steps():
     assert node_steps(500, num_nodes=5, spacing="log") == [3, 12, 42, 144, 500]
     with pytest.raises(ValueError, match="exactly one"):
         node_steps(10)
+
+
+def test_merge_lora_equals_the_adapter_model(tmp_path):
+    from diffusers_disback.distill import merge_lora
+
+    teacher = Tiny()
+    path, outputs, degrading = _lora_path(tmp_path, teacher)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    plain = Tiny()
+    plain.load_state_dict(merge_lora(degrading.state_dict(), "degradation"))  # scaling = alpha / r = 1
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), degrading(x), rtol=1e-5, atol=1e-6)
+        for index in (1, 3):  # a recorded LoRA node as full weights of the teacher's architecture
+            plain.load_state_dict(path.merged_state_dict(teacher, index))
+            torch.testing.assert_close(plain(x), outputs[index - 1], rtol=1e-5, atol=1e-6)

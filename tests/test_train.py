@@ -180,3 +180,17 @@ def test_fsdp2_with_gradient_checkpointing_and_sharded_resume(teacher, tmp_path)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0, msg=k)
     assert DisBackPipeline.from_pretrained(again / "final").unet.config.sample_size == 8
+
+
+def test_one_gpu_lora_mode(teacher, tmp_path):
+    out = tmp_path / "lora"
+    proc = _run(_cmd(teacher, out, "--lora_rank", "4", "--path_node_type", "lora", "--path_lora_rank", "4"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = DegradationPath.load(out / "path")
+    assert path.kind == "lora" and all(n.num_bytes < 400_000 for n in path.nodes[1:])  # a full node: 8 MB
+    final = _final_unet(out)
+    assert not any("lora" in k for k in final)  # the generator's adapter is merged into plain weights
+    base = load_file(os.path.join(teacher, "unet", "diffusion_pytorch_model.safetensors"))
+    moved = [k for k in final if not torch.equal(final[k], base[k].to(final[k].dtype))]
+    assert moved and all(k.endswith(".weight") and ("to_" in k) for k in moved)  # only the adapted projections
+    assert "| lora_rank | 4 |" in (out / "final" / "README.md").read_text()

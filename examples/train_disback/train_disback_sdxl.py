@@ -44,6 +44,7 @@ from diffusers_disback.distill import (
     denoising_score_matching_loss,
     distribution_matching_step,
     lora_parameters,
+    merge_lora,
     node_steps,
     one_step_sample,
 )
@@ -61,6 +62,7 @@ from diffusers_disback.training import (
 
 logger = get_logger(__name__)
 STAGES = ("degradation", "backtracking")
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -120,6 +122,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adam_epsilon", type=float, default=1e-8)
     p.add_argument("--max_grad_norm", type=float, default=10.0)
     p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit (if installed)")
+    p.add_argument(
+        "--lora_rank",
+        type=int,
+        default=0,
+        help="train the generator and the fake score as LoRA adapters of this rank over frozen bases "
+        "(one-GPU mode); 0: full fine-tuning. The final UNet has the generator's adapter merged in",
+    )
     p.add_argument("--train_batch_size", type=int, default=1, help="per process")
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument(
@@ -218,6 +227,27 @@ def load_initial_generator(args, teacher: UNet2DConditionModel) -> UNet2DConditi
         sub = "unet" if os.path.isdir(os.path.join(src, "unet")) else None
         gen = UNet2DConditionModel.from_pretrained(src, subfolder=sub)
     return gen.to(torch.float32)
+
+
+def make_trainable(unet: UNet2DConditionModel, args, weight_dtype, adapter_name: str) -> list:
+    """
+    Full fine-tuning (fp32 master weights), or with `--lora_rank R` a LoRA adapter on the attention projections over a
+    frozen base in the mixed-precision dtype: the one-GPU mode. Returns the parameters to optimise.
+    """
+    if args.lora_rank:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False).to(weight_dtype)
+        config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, target_modules=LORA_TARGETS)
+        add_lora_adapter(unet, config, adapter_name=adapter_name)  # adapter weights in fp32, B = 0: starts at base
+        params = lora_parameters(unet, adapter_name)
+    else:
+        unet.requires_grad_(True)
+        params = list(unet.parameters())
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    return params
 
 
 def make_optimizer(args, params, lr):
@@ -468,9 +498,7 @@ def run_degradation(run: Run, resume: str | None):
     if args.path_node_type == "lora":
         from peft import LoraConfig
 
-        lora_config = LoraConfig(
-            r=args.path_lora_rank, lora_alpha=args.path_lora_rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"]
-        )
+        lora_config = LoraConfig(r=args.path_lora_rank, lora_alpha=args.path_lora_rank, target_modules=LORA_TARGETS)
         degrading.requires_grad_(False)
         add_lora_adapter(degrading, lora_config)
         params = lora_parameters(degrading)
@@ -576,10 +604,8 @@ def run_backtracking(run: Run, resume: str | None):
         rule=args.backtrack_rule,
         threshold=args.backtrack_threshold,
     )
-    for m in (generator, fake):
-        m.requires_grad_(True).train()
-        if args.gradient_checkpointing:
-            m.enable_gradient_checkpointing()
+    params_g = make_trainable(generator, args, run.weight_dtype, "generator")
+    params_f = make_trainable(fake, args, run.weight_dtype, "fake_score")
     r = args.fake_score_update_ratio
     needed = (len(path) - 2) * args.backtrack_interval  # generator updates until the target is the teacher
     if last > 0 and math.ceil(args.max_train_steps / r) <= needed:
@@ -589,8 +615,8 @@ def run_backtracking(run: Run, resume: str | None):
             f"{args.backtrack_interval}): the run ends on an intermediate node. Raise --max_train_steps above "
             f"{needed * r} or lower --backtrack_interval."
         )
-    opt_g = make_optimizer(args, generator.parameters(), args.learning_rate)
-    opt_f = make_optimizer(args, fake.parameters(), args.fake_learning_rate)
+    opt_g = make_optimizer(args, params_g, args.learning_rate)
+    opt_f = make_optimizer(args, params_f, args.fake_learning_rate)
     n_gen = math.ceil(args.max_train_steps / r)
     sched_g = get_scheduler(
         args.lr_scheduler,
@@ -701,6 +727,8 @@ def save_final(run: Run, generator, schedule: BacktrackingSchedule, path: Degrad
     args, acc = run.args, run.accelerator
     state = full_state_dict(acc, generator)
     if acc.is_main_process:
+        if args.lora_rank:
+            state = merge_lora(state, "generator")  # lora_alpha = r: scaling 1
         unet = UNet2DConditionModel.from_config(run.teacher.config)
         unet.load_state_dict(state)
         tok, tok2, te, te2 = run.text_parts
@@ -736,6 +764,7 @@ def save_final(run: Run, generator, schedule: BacktrackingSchedule, path: Degrad
             "train_batch_size_per_process": args.train_batch_size,
             "num_processes": acc.num_processes,
             "mixed_precision": acc.mixed_precision,
+            "lora_rank": args.lora_rank or "full fine-tuning",
         }
         final = os.path.join(args.output_dir, "final")
         base = args.pretrained_teacher_model if not os.path.exists(args.pretrained_teacher_model) else None

@@ -12,6 +12,7 @@ from .degradation import (
     add_lora_adapter,
     architecture_fingerprint,
     lora_parameters,
+    merge_lora,
     node_steps,
 )
 from .losses import (
@@ -41,6 +42,7 @@ __all__ = [
     "gan_discriminator_loss",
     "gan_generator_loss",
     "lora_parameters",
+    "merge_lora",
     "node_steps",
     "one_step_sample",
 ]

@@ -236,18 +236,9 @@ class DegradationPath:
         """
         if self.kind == "full":
             return self.node_state_dict(index)
-        import copy
-
-        from peft import LoraConfig
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        model = copy.deepcopy(base)
-        add_lora_adapter(model, LoraConfig(**self.lora_config), adapter_name="merge")
-        _load_lora_strict(model, self.node_state_dict(index), "merge", f"node {index}")
-        for module in model.modules():
-            if isinstance(module, BaseTunerLayer):
-                module.merge(adapter_names=["merge"])
-        return {_base_key(k): v for k, v in model.state_dict().items() if "lora_" not in k}
+        scaling = self.lora_config["lora_alpha"] / self.lora_config["r"]
+        merged = merge_lora({**base.state_dict(), **self.node_state_dict(index)}, scaling=scaling)
+        return {k: v.to(base.state_dict()[k].dtype) for k, v in merged.items()}
 
     def reversed_nodes(self) -> list[int]:
         """The backtracking order `R = [P_N, ..., P_1, P_0]` as node indices: `R[0]` most degraded, `R[N]` the
@@ -263,6 +254,29 @@ def add_lora_adapter(model: torch.nn.Module, lora_config, adapter_name: str = LO
     from peft import inject_adapter_in_model
 
     return inject_adapter_in_model(lora_config, model, adapter_name=adapter_name)
+
+
+def merge_lora(
+    state: dict[str, torch.Tensor], adapter_name: str | None = None, scaling: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """
+    Plain weights from a state dict that holds LoRA pairs on Linear layers: `W + scaling * B @ A` for every
+    `X.lora_A.weight` / `X.lora_B.weight` (peft's `.base_layer.` and `.{adapter_name}.` infixes are dropped first;
+    `scaling` is `lora_alpha / r`). Merged weights are float32. Works on gathered state dicts, so also after FSDP.
+    """
+    normalised = {}
+    for key, value in state.items():
+        key = key.replace(".base_layer.", ".")
+        if adapter_name:
+            key = key.replace(f".{adapter_name}.", ".")
+        normalised[key] = value
+    out = {k: v for k, v in normalised.items() if "lora_" not in k}
+    for key, a in normalised.items():
+        if key.endswith(".lora_A.weight"):
+            prefix = key[: -len(".lora_A.weight")]
+            b = normalised[f"{prefix}.lora_B.weight"]
+            out[f"{prefix}.weight"] = out[f"{prefix}.weight"].float() + scaling * (b.float() @ a.float())
+    return out
 
 
 def lora_parameters(model: torch.nn.Module, adapter_name: str = LORA_ADAPTER) -> list[torch.nn.Parameter]:
