@@ -194,3 +194,26 @@ def test_one_gpu_lora_mode(teacher, tmp_path):
     moved = [k for k in final if not torch.equal(final[k], base[k].to(final[k].dtype))]
     assert moved and all(k.endswith(".weight") and ("to_" in k) for k in moved)  # only the adapted projections
     assert "| lora_rank | 4 |" in (out / "final" / "README.md").read_text()
+
+
+def test_gan_term_with_real_images(teacher, tmp_path):
+    from PIL import Image
+
+    real = tmp_path / "real"
+    real.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        Image.fromarray(torch.randint(0, 256, (64, 64, 3), generator=g, dtype=torch.uint8).numpy()).save(
+            real / f"{i}.png"
+        )
+    (real / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "gan"
+    proc = _run(_cmd(teacher, out, "--gan_loss_weight", "5e-3", "--real_data_dir", str(real)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "unreadable image skipped" in proc.stderr
+    data = json.loads((out / "checkpoints" / "checkpoint-10" / "data_0.json").read_text())
+    assert data["real"]["skipped"] >= 1  # the real-image stream's position is checkpointed too
+    model = load_file(out / "checkpoints" / "checkpoint-10" / "model_1.safetensors")
+    assert any(k.startswith("head.") for k in model)  # the discriminator head trains with the fake score
+    proc = _run(_cmd(teacher, tmp_path / "bad", "--gan_loss_weight", "5e-3"))
+    assert proc.returncode != 0 and "--gan_loss_weight needs real images" in proc.stderr

@@ -160,3 +160,28 @@ def test_nan_policy():
         script.Run.finite_or_skip(run, torch.tensor(float("nan")), "generator DM")
     run.args.nan_policy = "skip"
     assert script.Run.finite_or_skip(run, torch.tensor(float("inf")), "fake-score DSM") is False
+
+
+def _image_folder(tmp_path, n=5, corrupt=True):
+    from PIL import Image
+
+    folder = tmp_path / "real"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        pixels = torch.randint(0, 256, (72, 80, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"img_{i}.png")
+    if corrupt:
+        (folder / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+def test_image_stream_crops_scales_and_skips_unreadable(tmp_path):
+    from diffusers_disback.training import ImageStream
+
+    stream = ImageStream(64, data_dir=str(_image_folder(tmp_path)), shuffle_buffer=0)
+    items = stream.take(7)
+    assert all(x.shape == (3, 64, 64) and x.min() >= -1 and x.max() <= 1 and caption == "" for x, caption in items)
+    assert stream.skipped >= 1  # the broken file, every epoch
+    with pytest.raises(ValueError, match="exactly one"):
+        ImageStream(64)

@@ -43,6 +43,8 @@ from diffusers_disback.distill import (
     add_lora_adapter,
     denoising_score_matching_loss,
     distribution_matching_step,
+    gan_discriminator_loss,
+    gan_generator_loss,
     lora_parameters,
     merge_lora,
     node_steps,
@@ -51,6 +53,8 @@ from diffusers_disback.distill import (
 from diffusers_disback.hub import save_for_hub
 from diffusers_disback.training import (
     BackgroundPusher,
+    FakeScoreWithHead,
+    ImageStream,
     PromptStream,
     RunState,
     SDXLConditioner,
@@ -109,6 +113,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min_step_percent", type=float, default=0.02)
     p.add_argument("--max_step_percent", type=float, default=0.98)
     p.add_argument("--fake_score_update_ratio", type=int, default=5, help="r: fake-score updates per generator update")
+    p.add_argument(
+        "--gan_loss_weight",
+        type=float,
+        default=0.0,
+        help="weight of DMD2's GAN term for the generator (SDXL: 5e-3; 0 = off, the default)",
+    )
+    p.add_argument(
+        "--gan_discriminator_weight",
+        type=float,
+        default=1e-2,
+        help="weight of the discriminator loss added to the fake score's (DMD2: 1e-2)",
+    )
+    p.add_argument("--real_dataset_name", default=None, help="GAN term: a Hub image dataset")
+    p.add_argument("--real_data_dir", default=None, help="GAN term: a local image folder (imagefolder)")
+    p.add_argument("--real_image_column", default="image")
+    p.add_argument("--real_caption_column", default=None, help="captions of the real images (default: none)")
     p.add_argument("--max_train_steps", type=int, default=5000, help="stage-2 iterations (fake-score updates)")
     # optimisation
     p.add_argument("--learning_rate", type=float, default=5e-7, help="generator (and default for the others)")
@@ -175,6 +195,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     if (args.dataset_name is None) == (args.train_data_files is None):
         p.error("give exactly one of --dataset_name and --train_data_files")
+    if args.gan_loss_weight > 0 and (args.real_dataset_name is None) == (args.real_data_dir is None):
+        p.error("--gan_loss_weight needs real images: exactly one of --real_dataset_name and --real_data_dir")
     if args.resolution % 8:
         p.error(f"--resolution must be divisible by 8, got {args.resolution}")
     if args.push_to_hub and not args.hub_model_id:
@@ -227,6 +249,42 @@ def load_initial_generator(args, teacher: UNet2DConditionModel) -> UNet2DConditi
         sub = "unet" if os.path.isdir(os.path.join(src, "unet")) else None
         gen = UNet2DConditionModel.from_pretrained(src, subfolder=sub)
     return gen.to(torch.float32)
+
+
+def classify(run: Run, fake, x0: torch.Tensor, cond: dict, t: torch.Tensor | None = None, noise=None):
+    """Noises `x0` at `t ~ U{0..T-1}` (the diffusion GAN) and runs the fake score with its head: `(eps, logits)`."""
+    schedule = run.noise_schedule
+    if t is None:
+        t = schedule.sample_timesteps(x0.shape[0], generator=run.noise, device=x0.device)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=run.noise).to(x0.device)
+    x_t = schedule.add_noise(x0, noise, t)
+    dtype = next(p.dtype for p in fake.parameters() if p.is_floating_point())
+    with run.accelerator.autocast():
+        return fake(
+            x_t.to(dtype),
+            t,
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            added_cond_kwargs={"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].to(dtype)},
+            classify=True,
+        )
+
+
+def fake_update_with_gan(run: Run, fake, x0: torch.Tensor, cond: dict):
+    """
+    The fake score's loss with the GAN term, in one forward pass (one backward, as DDP/FSDP want): generated and real
+    latents are noised together; the generated half gives the denoising loss (Eq. 7), both halves the discriminator
+    loss `softplus(D(fake)) + softplus(-D(real))`, weighted by --gan_discriminator_weight.
+    """
+    real, real_cond = run.real_batch()
+    both = torch.cat([x0.detach().float(), real])
+    t = run.noise_schedule.sample_timesteps(both.shape[0], generator=run.noise, device=both.device)
+    noise = torch.randn(both.shape, generator=run.noise).to(both.device)
+    eps, logits = classify(run, fake, both, {k: torch.cat([cond[k], real_cond[k]]) for k in cond}, t, noise)
+    n = x0.shape[0]
+    loss_dsm = torch.nn.functional.mse_loss(eps[:n].float(), noise[:n].float())
+    loss_d = gan_discriminator_loss(logits[:n], logits[n:])
+    return loss_dsm + run.args.gan_discriminator_weight * loss_d, loss_d
 
 
 def make_trainable(unet: UNet2DConditionModel, args, weight_dtype, adapter_name: str) -> list:
@@ -329,6 +387,19 @@ class Run:
             rank=acc.process_index,
             world_size=acc.num_processes,
         )
+        self.real = None
+        if args.gan_loss_weight > 0:
+            self.real = ImageStream(
+                args.resolution, dataset_name=args.real_dataset_name, data_dir=args.real_data_dir,
+                image_column=args.real_image_column, caption_column=args.real_caption_column,
+                streaming=not args.no_streaming, shuffle_buffer=args.shuffle_buffer, seed=args.seed,
+                rank=acc.process_index, world_size=acc.num_processes,
+            )  # fmt: skip
+            vae_dtype = torch.bfloat16 if self.weight_dtype == torch.bfloat16 else torch.float32  # fp16 overflows
+            self.vae = AutoencoderKL.from_pretrained(
+                args.pretrained_teacher_model, subfolder="vae", revision=args.revision
+            ).to(acc.device, vae_dtype)
+            self.vae.requires_grad_(False)
         self.state = RunState()
         self.noise = torch.Generator().manual_seed(args.seed * 1000 + acc.process_index)
         if acc.is_main_process:
@@ -347,6 +418,14 @@ class Run:
         cond = self.conditioner(prompts, self.accelerator.device)
         z = torch.randn((len(prompts), *self.latent_shape), generator=self.noise).to(self.accelerator.device)
         return cond, z
+
+    @torch.no_grad()
+    def real_batch(self):
+        """Real images encoded to latents on the fly, with their conditioning (empty captions if the data has none)."""
+        images, captions = zip(*self.real.take(self.args.train_batch_size))
+        pixels = torch.stack(images).to(self.accelerator.device, self.vae.dtype)
+        latents = self.vae.encode(pixels).latent_dist.sample(generator=None) * self.vae.config.scaling_factor
+        return latents.float(), self.conditioner(list(captions), self.accelerator.device)
 
     def generate(self, generator_unet, cond, z):
         return one_step_sample(
@@ -383,7 +462,7 @@ class Run:
         rank = acc.process_index
         save_file({"noise_rng": self.noise.get_state()}, os.path.join(tmp, f"noise_rng_{rank}.safetensors"))
         with open(os.path.join(tmp, f"data_{rank}.json"), "w") as f:
-            json.dump(self.stream.state_dict(), f)
+            json.dump({**self.stream.state_dict(), "real": self.real.state_dict() if self.real else None}, f)
         acc.wait_for_everyone()
         if acc.is_main_process:
             with open(os.path.join(tmp, "run_state.json"), "w") as f:
@@ -409,7 +488,10 @@ class Run:
         with open(os.path.join(checkpoint, "run_state.json")) as f:
             self.state.load_state_dict(json.load(f))
         with open(os.path.join(checkpoint, f"data_{rank}.json")) as f:
-            self.stream.load_state_dict(json.load(f))
+            data = json.load(f)
+        self.stream.load_state_dict(data)
+        if self.real is not None and data.get("real"):
+            self.real.load_state_dict(data["real"])
         self.noise.set_state(load_file(os.path.join(checkpoint, f"noise_rng_{rank}.safetensors"))["noise_rng"])
         logger.info(f"resumed from {checkpoint}: stage {self.state.stage}, stage step {self.state.stage_step}")
 
@@ -524,6 +606,7 @@ def run_degradation(run: Run, resume: str | None):
     if resume:
         run.restore(resume)
     has_path = os.path.exists(os.path.join(args.path_dir, "path_manifest.json"))
+    acc.wait_for_everyone()  # every rank looks before the main process creates the path
     if has_path and not resume:  # checked on every rank (shared output dir), so no rank is left waiting
         raise FileExistsError(
             f"{args.path_dir} already holds a path and there is no checkpoint to resume from "
@@ -606,6 +689,10 @@ def run_backtracking(run: Run, resume: str | None):
     )
     params_g = make_trainable(generator, args, run.weight_dtype, "generator")
     params_f = make_trainable(fake, args, run.weight_dtype, "fake_score")
+    gan = args.gan_loss_weight > 0
+    if gan:  # the discriminator head reads the fake score's mid-block features and trains with it
+        fake = FakeScoreWithHead(fake)
+        params_f = params_f + list(fake.head.parameters())
     r = args.fake_score_update_ratio
     needed = (len(path) - 2) * args.backtrack_interval  # generator updates until the target is the teacher
     if last > 0 and math.ceil(args.max_train_steps / r) <= needed:
@@ -668,8 +755,13 @@ def run_backtracking(run: Run, resume: str | None):
         cond, z = run.batch()
         with torch.no_grad(), acc.autocast():
             x0 = run.generate(generator, cond, z)
-        with acc.autocast():
-            loss_f = denoising_score_matching_loss(fake_score, x0, cond, generator=run.noise)
+        opt_f.zero_grad(set_to_none=True)  # the generator's GAN term leaves gradients in the fake score
+        if gan:
+            loss_f, loss_d = fake_update_with_gan(run, fake, x0, cond)
+            logs["backtracking/discriminator_loss"] = loss_d.item()
+        else:
+            with acc.autocast():
+                loss_f = denoising_score_matching_loss(fake_score, x0, cond, generator=run.noise)
         if run.finite_or_skip(loss_f, "fake-score DSM"):
             acc.backward(loss_f)
             clip_and_step(acc, fake, opt_f, sched_f, args.max_grad_norm)
@@ -695,6 +787,10 @@ def run_backtracking(run: Run, resume: str | None):
                     max_step=run.max_step,
                     generator=run.noise,
                 )
+                if gan:
+                    loss_gan = gan_generator_loss(classify(run, fake, x0, cond)[1])
+                    logs["backtracking/generator_gan_loss"] = loss_gan.item()
+                    loss_g = loss_g + args.gan_loss_weight * loss_gan
             if run.finite_or_skip(loss_g, "generator DM"):
                 acc.backward(loss_g)
                 clip_and_step(acc, generator, opt_g, sched_g, args.max_grad_norm)

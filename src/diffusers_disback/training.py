@@ -62,6 +62,7 @@ class PromptStream:
         world_size: int = 1,
         cache_dir: str | None = None,
         warn_every: int = 100,
+        dataset_kwargs: dict | None = None,
     ):
         if (dataset_name is None) == (data_files is None):
             raise ValueError(
@@ -71,7 +72,9 @@ class PromptStream:
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.warn_every = warn_every
-        self.dataset = self._load(dataset_name, dataset_config_name, data_files, split, streaming, cache_dir)
+        self.dataset = self._load(
+            dataset_name, dataset_config_name, data_files, split, streaming, cache_dir, dataset_kwargs or {}
+        )
         if world_size > 1:
             from datasets.distributed import split_dataset_by_node
 
@@ -88,12 +91,17 @@ class PromptStream:
         self._iterator: Iterator | None = None
 
     @staticmethod
-    def _load(dataset_name, dataset_config_name, data_files, split, streaming, cache_dir):
+    def _load(dataset_name, dataset_config_name, data_files, split, streaming, cache_dir, dataset_kwargs):
         from datasets import load_dataset
 
         if dataset_name is not None:
             return load_dataset(
-                dataset_name, dataset_config_name, split=split, streaming=streaming, cache_dir=cache_dir
+                dataset_name,
+                dataset_config_name,
+                split=split,
+                streaming=streaming,
+                cache_dir=cache_dir,
+                **dataset_kwargs,
             )
         files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
         missing = [f for f in files if not os.path.exists(f)]
@@ -130,17 +138,26 @@ class PromptStream:
             self.consumed += 1
             if not isinstance(example, dict) or self.caption_column not in example:
                 raise KeyError(
-                    f"caption column {self.caption_column!r} not in the dataset; its columns are "
-                    f"{sorted(example) if isinstance(example, dict) else type(example).__name__}. Set --caption_column."
+                    f"{self._what} column {self.caption_column!r} not in the dataset; its columns are "
+                    f"{sorted(example) if isinstance(example, dict) else type(example).__name__}. "
+                    f"Set {self._column_flag}."
                 )
-            caption = example[self.caption_column]
-            if not isinstance(caption, str) or not caption.strip():
+            item = self._convert(example)
+            if item is None:
                 self.skipped += 1
                 if self.skipped % self.warn_every == 1:
-                    logger.warning("skipped %d examples with an empty or missing caption so far", self.skipped)
+                    logger.warning("skipped %d examples with an unusable %s so far", self.skipped, self._what)
                 continue
             self._usable += 1
-            return caption.strip()
+            return item
+
+    _what = "caption"
+    _column_flag = "--caption_column"
+
+    def _convert(self, example: dict):
+        """The item an example yields, or None to skip it (counted)."""
+        caption = example[self.caption_column]
+        return caption.strip() if isinstance(caption, str) and caption.strip() else None
 
     def take(self, n: int) -> list[str]:
         """The next `n` captions."""
@@ -153,6 +170,65 @@ class PromptStream:
         self.epoch, self.consumed, self.skipped = int(state["epoch"]), int(state["consumed"]), int(state["skipped"])
         self._usable = 1 if self.consumed else 0  # resumed mid-epoch: the replayed part held captions
         self._iterator = None
+
+
+class ImageStream(PromptStream):
+    """
+    Real images (and their captions, if the dataset has them) for the optional GAN term: the same streaming, rank
+    split, shuffling and exact resume as [`PromptStream`]. Images are converted to RGB, resized on the short side and
+    centre-cropped to `resolution`, and scaled to [-1, 1]; unreadable images are counted and skipped.
+
+    `data_dir` is an image folder (`datasets`' `imagefolder`; a `metadata.jsonl` with a `text` field adds captions).
+    """
+
+    _what = "image"
+    _column_flag = "--real_image_column"
+
+    def __init__(
+        self, resolution: int, dataset_name=None, data_dir=None, image_column="image", caption_column=None, **kwargs
+    ):
+        if (dataset_name is None) == (data_dir is None):
+            raise ValueError("give exactly one of `--real_dataset_name` and `--real_data_dir` for the GAN term")
+        self.resolution = resolution
+        self.text_column = caption_column
+        if data_dir is not None:
+            if not os.path.isdir(data_dir):
+                raise FileNotFoundError(f"--real_data_dir {data_dir!r} is not a folder")
+            super().__init__(
+                dataset_name="imagefolder",
+                caption_column=image_column,
+                dataset_kwargs={"data_dir": data_dir},
+                **kwargs,
+            )
+        else:
+            super().__init__(dataset_name=dataset_name, caption_column=image_column, **kwargs)
+        from datasets import Image as ImageFeature
+
+        # decode here, not in the datasets iterator, so one unreadable file is skipped instead of ending the stream
+        self.dataset = self.dataset.cast_column(image_column, ImageFeature(decode=False))
+
+    def _convert(self, example: dict):
+        from PIL import Image
+
+        image = example[self.caption_column]
+        try:
+            if isinstance(image, dict):  # undecoded: {"bytes": ..., "path": ...}
+                import io
+
+                image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
+            image = image.convert("RGB")
+        except Exception as e:  # noqa: BLE001 - any unreadable image is skipped and counted
+            logger.warning("unreadable image skipped: %s", e)
+            return None
+        r = self.resolution
+        scale = r / min(image.size)
+        size = (max(r, round(image.width * scale)), max(r, round(image.height * scale)))
+        image = image.resize(size, Image.BICUBIC)
+        left, top = (image.width - r) // 2, (image.height - r) // 2
+        image = image.crop((left, top, left + r, top + r))
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(r, r, 3)
+        caption = example.get(self.text_column) if self.text_column else None
+        return pixels.permute(2, 0, 1).float().div(127.5).sub(1), caption if isinstance(caption, str) else ""
 
 
 # ------------------------------------------------------------------------------------------------ conditioning
@@ -251,6 +327,63 @@ def lora_state_dict(full_state: dict[str, torch.Tensor], adapter_name: str) -> d
         for k, v in full_state.items()
         if "lora_" in k and f".{adapter_name}." in k
     }
+
+
+class DiscriminatorHead(torch.nn.Module):
+    """DMD2's "classifier on clean image": a small conv head on the fake score's mid-block features -> one logit per
+    sample."""
+
+    def __init__(self, channels: int, groups: int = 32):
+        super().__init__()
+        groups = min(groups, channels)
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, channels, 4, 2, 1), torch.nn.GroupNorm(groups, channels), torch.nn.SiLU(),
+            torch.nn.Conv2d(channels, channels, 4, 2, 1), torch.nn.GroupNorm(groups, channels), torch.nn.SiLU(),
+            torch.nn.Conv2d(channels, 1, 1),
+        )  # fmt: skip
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features).flatten(1).mean(1)
+
+
+class FakeScoreWithHead(torch.nn.Module):
+    """
+    The fake score with the discriminator head, as one module (so DDP/FSDP see one model and one optimizer). Called
+    like a UNet it returns `(eps,)`; with `classify=True` it returns `(eps, logits)` from the same forward pass, the
+    head reading the mid-block output through a forward hook.
+    """
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.head = DiscriminatorHead(unet.config.block_out_channels[-1])
+        self._features: list[torch.Tensor] = []
+        unet.mid_block.register_forward_hook(lambda module, args, output: self._features.append(output))
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def forward(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        added_cond_kwargs=None,
+        return_dict=False,
+        classify: bool = False,
+    ):
+        self._features.clear()
+        eps = self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            added_cond_kwargs=added_cond_kwargs,
+            return_dict=False,
+        )[0]
+        if not classify:
+            return (eps,)
+        return eps, self.head(self._features[-1].float())
 
 
 # ------------------------------------------------------------------------------------------------- run state
