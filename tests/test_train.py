@@ -139,15 +139,22 @@ def test_hub_pushes_and_a_failed_push_does_not_stop_training(teacher, tmp_path, 
     from huggingface_hub import list_repo_files
 
     out = tmp_path / "hub"
-    # the path push (the first commit) is refused for good; the final push must still happen
+    # the first push (checkpoint-4, the 2nd checkpoint) is refused for good; the others must still happen
     hub_server.fail_next("commit", times=1, status=403)
-    proc = _run(_cmd(teacher, out, "--push_to_hub", "--hub_model_id", "user/disback-run", "--hub_token", "hf_test"))
+    proc = _run(
+        _cmd(teacher, out, "--push_to_hub", "--hub_model_id", "user/disback-run", "--hub_token", "hf_test")
+        + ["--hub_push_every", "2", "--checkpoints_total_limit", "1"]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "push to user/disback-run failed, training goes on" in proc.stderr
     files = set(list_repo_files("user/disback-run"))
     assert {"model_index.json", "README.md", "pipeline.py", "unet/diffusion_pytorch_model.safetensors"} <= files
-    assert not any(f.startswith("path/") for f in files)  # that push failed ...
-    assert DegradationPath.load(out / "path")  # ... and the local path is intact
+    assert "path/path_manifest.json" in files
+    # every 2nd checkpoint went up from a snapshot, although rotation deleted it locally meanwhile
+    pushed = {f.split("/")[1] for f in files if f.startswith("checkpoints/")}
+    assert "checkpoint-8" in pushed and "checkpoint-4" not in pushed and "checkpoint-2" not in pushed
+    assert [d.name for d in (out / "checkpoints").iterdir()] == ["checkpoint-10"]
+    assert DegradationPath.load(out / "path")  # the local path is intact
     assert "hf_test" not in proc.stderr and "hf_test" not in (out / "final" / "README.md").read_text()
     pipe = DisBackPipeline.from_pretrained("user/disback-run")
     assert pipe.unet.config.sample_size == 8

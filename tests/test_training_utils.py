@@ -185,3 +185,45 @@ def test_image_stream_crops_scales_and_skips_unreadable(tmp_path):
     assert stream.skipped >= 1  # the broken file, every epoch
     with pytest.raises(ValueError, match="exactly one"):
         ImageStream(64)
+
+
+def test_failed_checkpoint_write_stops_the_run_and_keeps_the_last_good_one(tmp_path):
+    import types
+
+    from accelerate import PartialState
+
+    PartialState()
+    script = _script()
+    good = tmp_path / "checkpoints" / "checkpoint-2"
+    good.mkdir(parents=True)
+    (good / "run_state.json").write_text("{}")
+
+    def full_disk(path):
+        os.makedirs(path, exist_ok=True)
+        (tmp_path / "checkpoints" / "checkpoint-4.tmp" / "model.safetensors").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    acc = types.SimpleNamespace(
+        is_main_process=True,
+        process_index=0,
+        device="cpu",
+        wait_for_everyone=lambda: None,
+        save_state=full_disk,
+        gather=lambda t: t,
+    )
+    run = types.SimpleNamespace(
+        accelerator=acc,
+        args=types.SimpleNamespace(output_dir=str(tmp_path), checkpoints_total_limit=None),
+        state=RunState(global_step=4),
+        noise=torch.Generator(),
+        stream=None,
+        real=None,
+        pusher=None,
+    )
+    with pytest.raises(RuntimeError, match=r"No space left on device.*last good checkpoint is .*checkpoint-2"):
+        script.Run.save_checkpoint(run)
+    assert (good / "run_state.json").is_file()
+    assert (
+        not (tmp_path / "checkpoints" / "checkpoint-4.tmp").exists()
+        and not (tmp_path / "checkpoints" / "checkpoint-4").exists()
+    )

@@ -458,11 +458,23 @@ class Run:
         if acc.is_main_process and os.path.exists(tmp):
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
-        acc.save_state(tmp)
-        rank = acc.process_index
-        save_file({"noise_rng": self.noise.get_state()}, os.path.join(tmp, f"noise_rng_{rank}.safetensors"))
-        with open(os.path.join(tmp, f"data_{rank}.json"), "w") as f:
-            json.dump({**self.stream.state_dict(), "real": self.real.state_dict() if self.real else None}, f)
+        rank, error = acc.process_index, None
+        try:
+            acc.save_state(tmp)
+            save_file({"noise_rng": self.noise.get_state()}, os.path.join(tmp, f"noise_rng_{rank}.safetensors"))
+            with open(os.path.join(tmp, f"data_{rank}.json"), "w") as f:
+                json.dump({**self.stream.state_dict(), "real": self.real.state_dict() if self.real else None}, f)
+        except OSError as e:  # a full disk, a quota, a vanished mount
+            error = e
+        if bool(acc.gather(torch.tensor([float(error is not None)], device=acc.device)).max() > 0):
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            good = checkpoint_dirs(args.output_dir)
+            raise RuntimeError(
+                f"writing {name} failed ({error or 'on another rank'}); the run stops here. The last good checkpoint "
+                f"is {good[-1] if good else 'none (nothing was saved yet)'}: free space and resume with "
+                "--resume_from_checkpoint latest."
+            ) from error
         acc.wait_for_everyone()
         if acc.is_main_process:
             with open(os.path.join(tmp, "run_state.json"), "w") as f:
