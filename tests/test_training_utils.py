@@ -227,3 +227,14 @@ def test_failed_checkpoint_write_stops_the_run_and_keeps_the_last_good_one(tmp_p
         not (tmp_path / "checkpoints" / "checkpoint-4.tmp").exists()
         and not (tmp_path / "checkpoints" / "checkpoint-4").exists()
     )
+
+
+def test_prepared_dataset_reshuffles_per_epoch_and_resumes(tmp_path):
+    files = _prompts(tmp_path, [f"prompt {i}" for i in range(11)])
+    full = PromptStream(data_files=files, streaming=False, shuffle_buffer=1, seed=5).take(33)
+    assert full[:11] != full[11:22] and sorted(full[:11]) == sorted(full[11:22])
+    first = PromptStream(data_files=files, streaming=False, shuffle_buffer=1, seed=5)
+    head = first.take(15)
+    resumed = PromptStream(data_files=files, streaming=False, shuffle_buffer=1, seed=5)
+    resumed.load_state_dict(first.state_dict())
+    assert head + resumed.take(18) == full

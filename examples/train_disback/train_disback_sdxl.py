@@ -629,6 +629,11 @@ def run_degradation(run: Run, resume: str | None):
         if has_path:
             path = DegradationPath.load(args.path_dir)
             path.truncate(run.state.stage_step)  # nodes after the checkpoint are recorded again
+        elif resume and run.state.stage_step > 0:
+            raise FileNotFoundError(
+                f"resuming stage 1 at step {run.state.stage_step}, but {args.path_dir} holds no path: the nodes "
+                "recorded before the checkpoint are gone. Restore the path folder or start stage 1 afresh."
+            )
         else:
             path = DegradationPath.create(
                 args.path_dir, run.teacher, kind=args.path_node_type, lora_config=lora_config
@@ -904,7 +909,12 @@ def main(argv=None):
         for stage in stages:
             if resumed_stage == "backtracking" and stage == "degradation":
                 continue
-            stage_resume = resume if resumed_stage == stage or (resumed_stage == "backtracking") else None
+            if stage == "backtracking" and resumed_stage == "degradation":
+                raise ValueError(
+                    f"{resume} is a stage-1 checkpoint that did not finish the path; resume it with --stage "
+                    "degradation or --stage all, not --stage backtracking"
+                )
+            stage_resume = resume if resumed_stage in (stage, "backtracking") else None
             if stage == "degradation":
                 run_degradation(run, stage_resume)
             else:

@@ -178,6 +178,7 @@ def load_unet_checkpoint(
     config=None,
     torch_dtype: torch.dtype | None = None,
     revision: str | None = None,
+    checkpoint_revision: str | None = None,
 ):
     """
     Loads a raw UNet checkpoint into a [`UNet2DConditionModel`], strictly.
@@ -190,6 +191,7 @@ def load_unet_checkpoint(
             subfolder (e.g. `"stabilityai/stable-diffusion-xl-base-1.0"`).
         torch_dtype: cast the weights to this dtype (default: keep the checkpoint's dtype).
         revision: the revision of a Hub `config`.
+        checkpoint_revision: the revision of a Hub `checkpoint` (its repo is usually not the config's).
 
     Returns:
         `UNet2DConditionModel` in eval mode.
@@ -214,7 +216,7 @@ def load_unet_checkpoint(
         if not os.path.exists(source):
             from .hub import download_checkpoint
 
-            source = download_checkpoint(source, revision=revision)
+            source = download_checkpoint(source, revision=checkpoint_revision)
         state = load_state_dict(source)
 
     unet_config = _resolve_unet_config(config, revision=revision)

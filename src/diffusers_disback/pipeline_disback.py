@@ -122,7 +122,11 @@ class DisBackPipeline(StableDiffusionXLPipeline):
                 "`from_unet_checkpoint` needs the `diffusers_disback` package: `pip install diffusers_disback`."
             ) from e
         unet = checkpoints.load_unet_checkpoint(
-            checkpoint, config=base_model, torch_dtype=torch_dtype, revision=kwargs.get("revision")
+            checkpoint,
+            config=base_model,
+            torch_dtype=torch_dtype,
+            revision=kwargs.get("revision"),
+            checkpoint_revision=kwargs.pop("checkpoint_revision", None),
         )
         return cls.from_pretrained(base_model, unet=unet, torch_dtype=torch_dtype, **kwargs)
 

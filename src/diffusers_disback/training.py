@@ -79,11 +79,9 @@ class PromptStream:
             from datasets.distributed import split_dataset_by_node
 
             self.dataset = split_dataset_by_node(self.dataset, rank=rank, world_size=world_size)
-        if shuffle_buffer > 0:
-            if streaming:
-                self.dataset = self.dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
-            else:
-                self.dataset = self.dataset.shuffle(seed=seed)
+        self._unshuffled = self.dataset
+        if shuffle_buffer > 0 and streaming:  # a prepared dataset is reshuffled per epoch in _epoch_iterator
+            self.dataset = self.dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
         self.epoch = 0
         self.consumed = 0  # raw examples consumed in this epoch, skipped ones included
         self.skipped = 0
@@ -114,8 +112,10 @@ class PromptStream:
         return load_dataset(builder, data_files=[os.fspath(f) for f in files], split=split, streaming=streaming)
 
     def _epoch_iterator(self) -> Iterator:
-        if hasattr(self.dataset, "set_epoch"):
+        if hasattr(self.dataset, "set_epoch"):  # streaming: the shuffle buffer reseeds with seed + epoch
             self.dataset.set_epoch(self.epoch)
+        elif self.shuffle_buffer > 0:  # prepared (map-style): a full reshuffle per epoch
+            self.dataset = self._unshuffled.shuffle(seed=self.seed + self.epoch)
         return itertools.islice(iter(self.dataset), self.consumed, None)
 
     def __iter__(self):
@@ -206,6 +206,7 @@ class ImageStream(PromptStream):
 
         # decode here, not in the datasets iterator, so one unreadable file is skipped instead of ending the stream
         self.dataset = self.dataset.cast_column(image_column, ImageFeature(decode=False))
+        self._unshuffled = self._unshuffled.cast_column(image_column, ImageFeature(decode=False))
 
     def _convert(self, example: dict):
         from PIL import Image
