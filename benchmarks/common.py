@@ -37,6 +37,7 @@ from diffusers_disback.distill import (
     lora_parameters,
     node_steps,
     one_step_sample,
+    target_score,
 )
 
 # ------------------------------------------------------------------------------------------------------ networks
@@ -298,22 +299,6 @@ def run_distillation(
     opt_fake = torch.optim.AdamW(fake.parameters(), lr=cfg.lr_fake, weight_decay=0.0)
     opt_gen = torch.optim.AdamW(generator.parameters(), lr=cfg.lr_generator, weight_decay=0.0)
 
-    def target_score() -> Score:
-        if schedule_.num_nodes == 1 or schedule_.at_teacher:
-            return teacher_score
-        node = schedule_.target_node
-        module = switcher.activate(node)
-        if cfg.intermediate_cfg == "node":
-            return Score(module, schedule, uncond=uncond)
-        if cfg.intermediate_cfg == "teacher":
-            return Score(module, schedule, uncond=uncond, uncond_fn=teacher)
-        return Score(module, schedule)  # "none": no guidance on intermediate nodes
-
-    def guidance_for(score: Score) -> float:
-        if score is teacher_score or cfg.intermediate_cfg != "none":
-            return cfg.guidance_scale
-        return 1.0
-
     iterations = history.stage1_iterations
     train_seconds = history.stage1_seconds
     gen_updates = 0
@@ -333,14 +318,16 @@ def run_distillation(
         # (b) the generator moves toward the current target (Eq. 8)
         cond = sample_cond(cfg.batch_size, g)
         x0 = gen_fn(torch.randn(cfg.batch_size, teacher.dim, generator=g), cond)
-        target = target_score()
+        target, w = target_score(
+            schedule_, switcher.activate if switcher else None, teacher_score, cfg.guidance_scale, cfg.intermediate_cfg
+        )
         fake.eval()
         loss_gen, info = distribution_matching_step(
             x0,
             cond,
             target,
             fake_score,
-            guidance_scale=guidance_for(target),
+            guidance_scale=w,
             min_step=cfg.min_step,
             max_step=cfg.max_step,
             generator=g,

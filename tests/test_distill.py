@@ -337,3 +337,24 @@ def test_merge_lora_equals_the_adapter_model(tmp_path):
         for index in (1, 3):  # a recorded LoRA node as full weights of the teacher's architecture
             plain.load_state_dict(path.merged_state_dict(teacher, index))
             torch.testing.assert_close(plain(x), outputs[index - 1], rtol=1e-5, atol=1e-6)
+
+
+def test_target_score_guides_the_teacher_and_chooses_cfg_on_nodes():
+    from diffusers_disback.distill import target_score
+
+    s = NoiseSchedule.ddpm()
+    teacher = Score(lambda x, t, c: x * 0 + (2.0 if c == "c" else 1.0), s, uncond="u")
+    node_out = {1: 5.0}
+    node_eps = lambda i: lambda x, t, c: x * 0 + (node_out[i] if c == "c" else 4.0)  # noqa: E731
+    x, t = torch.zeros(1, 2), torch.tensor([10])
+    schedule = BacktrackingSchedule(num_nodes=3, interval=10)  # target P1 first
+    expected = {"none": (5.0, 1.0), "node": (4.0 + 3 * (5.0 - 4.0), 3.0), "teacher": (1.0 + 3 * (5.0 - 1.0), 3.0)}
+    for cfg, (eps, w) in expected.items():
+        score, scale = target_score(schedule, node_eps, teacher, 3.0, cfg)
+        assert scale == w and score.eps(x, t, "c", guidance_scale=scale)[0, 0].item() == pytest.approx(eps)
+    for _ in range(10):
+        schedule.step()
+    score, scale = target_score(schedule, node_eps, teacher, 3.0, "none")
+    assert score is teacher and scale == 3.0  # the teacher is always guided
+    with pytest.raises(ValueError, match="intermediate_cfg"):
+        target_score(schedule, node_eps, teacher, 3.0, "both")

@@ -49,6 +49,7 @@ from diffusers_disback.distill import (
     merge_lora,
     node_steps,
     one_step_sample,
+    target_score,
 )
 from diffusers_disback.hub import save_for_hub
 from diffusers_disback.training import (
@@ -749,15 +750,10 @@ def run_backtracking(run: Run, resume: str | None):
     fake_score = Score(unet_eps_fn(fake), run.noise_schedule)
     teacher_eps = unet_eps_fn(run.teacher)
 
-    def target_score(cond) -> tuple[Score, float]:
-        uncond = SDXLConditioner.uncond(cond)
-        if schedule.at_teacher:
-            return Score(teacher_eps, run.noise_schedule, uncond=uncond), args.guidance_scale
-        node = unet_eps_fn(switcher.activate(schedule.target_node))
-        if args.intermediate_cfg == "none":
-            return Score(node, run.noise_schedule), 1.0
-        uncond_fn = teacher_eps if args.intermediate_cfg == "teacher" else None
-        return Score(node, run.noise_schedule, uncond=uncond, uncond_fn=uncond_fn), args.guidance_scale
+    def target_for(cond) -> tuple[Score, float]:
+        teacher = Score(teacher_eps, run.noise_schedule, uncond=SDXLConditioner.uncond(cond))
+        node_eps = lambda i: unet_eps_fn(switcher.activate(i))  # noqa: E731
+        return target_score(schedule, node_eps, teacher, args.guidance_scale, args.intermediate_cfg)
 
     progress = tqdm(
         range(run.state.stage_step, args.max_train_steps),
@@ -791,7 +787,7 @@ def run_backtracking(run: Run, resume: str | None):
         # (b) every r-th iteration the generator moves toward the current target: Eq. 8
         if step % r == 0:
             cond, z = run.batch()
-            target, w = target_score(cond)
+            target, w = target_for(cond)
             with acc.autocast():
                 x0 = run.generate(generator, cond, z)
                 loss_g, info = distribution_matching_step(

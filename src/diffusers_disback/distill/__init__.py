@@ -3,7 +3,7 @@
 Nothing in this package imports SDXL-specific code: a score is any epsilon-predicting callable `eps(x_t, t, cond)`.
 """
 
-from .backtracking import BacktrackingSchedule
+from .backtracking import BacktrackingSchedule, target_score
 from .degradation import (
     DegradationPath,
     NodeSwitcher,
@@ -45,4 +45,5 @@ __all__ = [
     "merge_lora",
     "node_steps",
     "one_step_sample",
+    "target_score",
 ]

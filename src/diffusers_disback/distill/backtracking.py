@@ -12,7 +12,10 @@ target is a pure function of the number of generator updates (fixed rule), or ad
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+
+from .scores import EpsFn, Score
 
 
 @dataclass
@@ -139,3 +142,32 @@ class BacktrackingSchedule:
         if num_nodes == 1:
             return 0
         return min(1 + updates // interval, num_nodes - 1)
+
+
+INTERMEDIATE_CFG = ("none", "node", "teacher")
+
+
+def target_score(
+    schedule: BacktrackingSchedule,
+    node_eps: Callable[[int], EpsFn],
+    teacher: Score,
+    guidance_scale: float,
+    intermediate_cfg: str = "none",
+) -> tuple[Score, float]:
+    """
+    The distribution-matching target of the schedule's current node and the CFG scale to use with it.
+
+    The teacher is always guided with `guidance_scale`. An intermediate node (`node_eps(i)` gives its eps callable)
+    was fine-tuned on conditional inputs only, so its guidance is a choice (METHOD.md, Stage 2 item 5):
+    `"none"` (no CFG; the best of the three on the digits benchmark), `"node"` (the node's own unconditional
+    branch) or `"teacher"` (the teacher's unconditional branch; it collapsed DisBack on digits).
+    """
+    if intermediate_cfg not in INTERMEDIATE_CFG:
+        raise ValueError(f"intermediate_cfg must be one of {INTERMEDIATE_CFG}, got {intermediate_cfg!r}")
+    if schedule.at_teacher:
+        return teacher, guidance_scale
+    node = node_eps(schedule.target_node)
+    if intermediate_cfg == "none":
+        return Score(node, teacher.schedule), 1.0
+    uncond_fn = teacher.eps_fn if intermediate_cfg == "teacher" else None
+    return Score(node, teacher.schedule, uncond=teacher.uncond, uncond_fn=uncond_fn), guidance_scale
