@@ -388,7 +388,7 @@ class Run:
             rank=acc.process_index,
             world_size=acc.num_processes,
         )
-        self.real = None
+        self.real, self.vae = None, None
         if args.gan_loss_weight > 0:
             self.real = ImageStream(
                 args.resolution, dataset_name=args.real_dataset_name, data_dir=args.real_data_dir,
@@ -396,11 +396,7 @@ class Run:
                 streaming=not args.no_streaming, shuffle_buffer=args.shuffle_buffer, seed=args.seed,
                 rank=acc.process_index, world_size=acc.num_processes,
             )  # fmt: skip
-            vae_dtype = torch.bfloat16 if self.weight_dtype == torch.bfloat16 else torch.float32  # fp16 overflows
-            self.vae = AutoencoderKL.from_pretrained(
-                args.pretrained_teacher_model, subfolder="vae", revision=args.revision
-            ).to(acc.device, vae_dtype)
-            self.vae.requires_grad_(False)
+            self._load_vae()
         self.state = RunState()
         self.noise = torch.Generator().manual_seed(args.seed * 1000 + acc.process_index)
         if acc.is_main_process:
@@ -419,6 +415,16 @@ class Run:
         cond = self.conditioner(prompts, self.accelerator.device)
         z = torch.randn((len(prompts), *self.latent_shape), generator=self.noise).to(self.accelerator.device)
         return cond, z
+
+    def _load_vae(self):
+        """The teacher's VAE, loaded once (real-image encoding and validation share it); bf16 or fp32, since SDXL's
+        VAE overflows in fp16."""
+        dtype = torch.bfloat16 if self.weight_dtype == torch.bfloat16 else torch.float32
+        vae = AutoencoderKL.from_pretrained(
+            self.args.pretrained_teacher_model, subfolder="vae", revision=self.args.revision
+        )
+        self.vae = vae.to(self.accelerator.device, dtype).requires_grad_(False)
+        return self.vae
 
     @torch.no_grad()
     def real_batch(self):
@@ -525,11 +531,8 @@ class Run:
         x0 = self.generate(generator_unet, cond, z)
         if not acc.is_main_process:
             return
-        vae = getattr(self, "_vae", None)
-        if vae is None:
-            vae = AutoencoderKL.from_pretrained(args.pretrained_teacher_model, subfolder="vae", revision=args.revision)
-            self._vae = vae = vae.to(acc.device, torch.float32).requires_grad_(False)
-        images = vae.decode(x0 / vae.config.scaling_factor).sample.clamp(-1, 1).add(1).div(2)
+        vae = self.vae if self.vae is not None else self._load_vae()
+        images = vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample.float().clamp(-1, 1).add(1).div(2)
         os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
         grid = save_image_grid(images, os.path.join(args.output_dir, "validation", f"step-{step:08d}.png"))
         for tracker in acc.trackers:

@@ -163,12 +163,7 @@ def _resolve_unet_config(config, revision: str | None = None) -> dict:
     if isinstance(config, Mapping):
         return dict(config)
     config = os.fspath(config)
-    if os.path.isfile(config):
-        import json
-
-        with open(config, encoding="utf-8") as f:
-            return json.load(f)
-    if os.path.isdir(config) and os.path.isfile(os.path.join(config, "config.json")):
+    if os.path.isfile(config) or os.path.isfile(os.path.join(config, "config.json")):  # config.json or a UNet folder
         return UNet2DConditionModel.load_config(config)
     return UNet2DConditionModel.load_config(config, subfolder="unet", revision=revision)
 

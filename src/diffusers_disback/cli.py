@@ -8,6 +8,7 @@ disback push FOLDER REPO_ID
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16"}
@@ -53,7 +54,7 @@ def _convert(args) -> int:
     dtype = _dtype(args.dtype)
     pipe = DisBackPipeline.from_unet_checkpoint(args.checkpoint, base_model=args.base_model, torch_dtype=dtype)
     repo_id = args.push_to_hub or args.output
-    base_model = args.base_model if not _is_local(args.base_model) else None
+    base_model = None if os.path.exists(args.base_model) else args.base_model  # a local folder is no Hub reference
     save_for_hub(
         pipe,
         args.output,
@@ -75,12 +76,6 @@ def _push(args) -> int:
 
     print(push_folder(args.folder, args.repo_id, private=args.private, max_retries=args.max_retries))
     return 0
-
-
-def _is_local(path: str) -> bool:
-    import os
-
-    return os.path.exists(path)
 
 
 def build_parser() -> argparse.ArgumentParser:

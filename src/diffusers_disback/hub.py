@@ -67,10 +67,10 @@ def download_checkpoint(spec: str, revision: str | None = None) -> str:
     Raises:
         FileNotFoundError: `spec` is neither a local file nor of the form `owner/repo/path/to/file`.
     """
+    if os.path.exists(spec):
+        return os.fspath(spec)
     match = _HUB_FILE.match(os.fspath(spec))
-    if os.path.exists(spec) or match is None:
-        if os.path.exists(spec):
-            return os.fspath(spec)
+    if match is None:
         raise FileNotFoundError(
             f"Checkpoint {spec!r} is not a local file, nor a Hub file of the form 'owner/repo/path/in/repo.bin'."
         )
@@ -280,20 +280,20 @@ def save_for_hub(
         raise ValueError(f"kind must be 'pipeline' or 'unet', got {kind!r}")
     if fp16_variant:
         write_fp16_variant(save_directory)
-    if base_model is None:
-        base_model = _base_model_of(pipeline)
-    if sample_prompts:
-        _sample_grid(pipeline, list(sample_prompts)).save(os.path.join(save_directory, SAMPLES_FILE))
-    card = make_model_card(
-        repo_id,
-        base_model=base_model,
-        kind=kind,
-        license=license,
-        training=training,
-        sample_prompts=sample_prompts,
-    )
-    card.save(os.path.join(save_directory, "README.md"))
+    _write_card(pipeline, save_directory, repo_id, base_model, kind, license, training, sample_prompts)
     return save_directory
+
+
+def _write_card(pipeline, folder, repo_id, base_model, kind, license, training, sample_prompts) -> None:
+    """`samples.png` (rendered by the pipeline) and `README.md` of a repo folder."""
+    if base_model is None and pipeline is not None:
+        base_model = _base_model_of(pipeline)
+    if pipeline is not None and sample_prompts:
+        _sample_grid(pipeline, list(sample_prompts)).save(os.path.join(folder, SAMPLES_FILE))
+    card = make_model_card(
+        repo_id, base_model=base_model, kind=kind, license=license, training=training, sample_prompts=sample_prompts
+    )
+    card.save(os.path.join(folder, "README.md"))
 
 
 def _base_model_of(pipeline) -> str | None:
@@ -389,11 +389,7 @@ def push_pipeline_folder(
     save_directory = os.fspath(save_directory)
     repo_id = repo_id or os.path.basename(os.path.normpath(save_directory))
     if not os.path.exists(os.path.join(save_directory, "README.md")):
-        base_model = _base_model_of(pipeline) if pipeline is not None else None
-        if pipeline is not None and sample_prompts:
-            _sample_grid(pipeline, list(sample_prompts)).save(os.path.join(save_directory, SAMPLES_FILE))
-        card = make_model_card(repo_id, base_model=base_model, training=card_data, sample_prompts=sample_prompts)
-        card.save(os.path.join(save_directory, "README.md"))
+        _write_card(pipeline, save_directory, repo_id, None, "pipeline", "openrail++", card_data, sample_prompts)
     return push_folder(save_directory, repo_id, private=private, token=token, commit_message=commit_message)
 
 

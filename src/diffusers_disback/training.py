@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -401,12 +401,7 @@ class RunState:
     schedule: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
-        return {
-            "stage": self.stage,
-            "stage_step": self.stage_step,
-            "global_step": self.global_step,
-            "schedule": dict(self.schedule),
-        }
+        return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
         self.stage = state["stage"]
