@@ -129,7 +129,7 @@ def write_tiny_tokenizer_files(directory: str) -> tuple[str, str]:
     """Writes a byte-level CLIP `vocab.json` and `merges.txt` (a few merges) and returns their paths."""
     os.makedirs(directory, exist_ok=True)
     alphabet = list(_bytes_to_unicode().values())
-    merges = [("a", "t"), ("c", "at</w>"), ("d", "o"), ("do", "g</w>"), ("t", "h"), ("th", "e</w>")]
+    merges = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>")]
     vocab_tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
     vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(vocab_tokens))}
@@ -147,7 +147,7 @@ def get_tiny_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     with tempfile.TemporaryDirectory() as d:
         vocab_path, merges_path = write_tiny_tokenizer_files(d)
         tokenizer = CLIPTokenizer(
-            vocab_file=vocab_path, merges_file=merges_path, pad_token=pad_token, model_max_length=77
+            vocab=vocab_path, merges=merges_path, pad_token=pad_token, model_max_length=77
         )
     return tokenizer
 
