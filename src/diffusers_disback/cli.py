@@ -3,6 +3,8 @@
 disback generate MODEL "a prompt" --output image.png [--steps 1] [--seed 0]
 disback convert CHECKPOINT --base-model DIR_OR_REPO --output DIR [--push-to-hub REPO] [--fp16-variant] [--unet-only]
 disback push FOLDER REPO_ID
+disback evaluate MODEL --output DIR (--coco-annotations JSON --coco-images DIR | --dataset NAME | --captions-file TXT)
+    [--protocol sdxl-coco10k] [--num-prompts N] [--reference-dir DIR] ...   (also under `accelerate launch -m`)
 """
 
 from __future__ import annotations
@@ -78,6 +80,90 @@ def _push(args) -> int:
     return 0
 
 
+def _evaluate(args) -> int:
+    import dataclasses
+
+    import torch
+    from accelerate import PartialState
+
+    from .evaluation import CaptionSet, ReferenceImages, evaluate, get_protocol, load_pipeline
+
+    protocol = get_protocol(args.protocol)
+    changes = {
+        "num_prompts": args.num_prompts,
+        "resolution": args.resolution,
+        "fid_resolution": args.fid_resolution,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "seed": args.seed,
+    }
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if args.no_patch_fid:
+        changes["patch_fid"] = False
+    if args.clip_model is not None:
+        changes["clip_model"] = None if args.clip_model in ("none", "tiny") else args.clip_model
+    if args.clip_pretrained is not None:
+        changes["clip_pretrained"] = args.clip_pretrained
+    protocol = dataclasses.replace(protocol, **changes)
+    sources = [bool(args.captions_file), bool(args.coco_annotations), bool(args.dataset)]
+    if sum(sources) != 1:
+        raise SystemExit("error: give exactly one caption source: --coco-annotations, --dataset or --captions-file")
+    if args.coco_annotations:
+        if not args.coco_images:
+            raise SystemExit("error: --coco-annotations needs --coco-images (the folder of val2014 images)")
+        captions = CaptionSet.from_coco(args.coco_annotations, args.coco_images, protocol.num_prompts, args.coco_seed)
+    elif args.dataset:
+        captions = CaptionSet.from_dataset(
+            args.dataset,
+            args.dataset_split,
+            protocol.num_prompts,
+            caption_column=args.caption_column,
+            image_column=None if args.image_column == "none" else args.image_column,
+        )
+    else:
+        captions = CaptionSet.from_text_file(args.captions_file, protocol.num_prompts)
+    reference = ReferenceImages.from_folder(args.reference_dir, args.num_reference) if args.reference_dir else None
+
+    # under `accelerate launch --cpu` (ACCELERATE_USE_CPU) the process group is CPU; PartialState is a singleton, so
+    # this first call decides for the generation and evaluation code too
+    state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+    device = torch.device(args.device) if args.device else state.device
+    pipe = load_pipeline(args.model, args.checkpoint, _dtype(args.dtype), args.revision, args.variant).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    feature_extractor = clip_scorer = None
+    if args.feature_extractor == "tiny":
+        from .testing import TinyFeatureExtractor
+
+        feature_extractor = TinyFeatureExtractor().to(device)
+    if args.clip_model == "tiny":
+        from .testing import get_tiny_clip_scorer
+
+        clip_scorer = get_tiny_clip_scorer(protocol.clip_prefix, protocol.clip_resolution)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if args.clip_model == "none":
+        metrics = [m for m in metrics if m != "clip_score"]
+    record = evaluate(
+        pipe,
+        captions,
+        args.output,
+        protocol,
+        reference=reference,
+        metrics=metrics,
+        batch_size=args.batch_size,
+        feature_extractor=feature_extractor,
+        clip_scorer=clip_scorer,
+        stats_cache=args.stats_cache,
+        device=device,
+        model_id=args.model if args.checkpoint is None else f"{args.checkpoint} in {args.model}",
+        feature_batch_size=args.feature_batch_size,
+    )
+    if record is not None:
+        for name, value in record["metrics"].items():
+            print(f"{name}: {value:.4f}")
+        print(os.path.join(args.output, "metrics.json"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="disback", description="DisBack one-step SDXL generation and conversion.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +203,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true")
     p.add_argument("--max-retries", type=int, default=3)
     p.set_defaults(func=_push)
+    e = sub.add_parser(
+        "evaluate",
+        help="FID, patch-FID and CLIP score of a pipeline on COCO captions (DMD2 protocol); docs/evaluation.md",
+    )
+    e.add_argument("model", help="pipeline folder or Hub id (with --checkpoint: the SDXL base model)")
+    e.add_argument("--output", required=True, help="folder for images/, metrics.json and grid.png (resumable)")
+    e.add_argument("--protocol", default="sdxl-coco10k", help="sdxl-coco10k (default) or sd15-coco30k")
+    src = e.add_argument_group("captions and reference images (one caption source)")
+    src.add_argument("--coco-annotations", help="COCO captions file, e.g. annotations/captions_val2014.json")
+    src.add_argument("--coco-images", help="the folder of the COCO images (e.g. val2014/)")
+    src.add_argument("--coco-seed", type=int, default=0, help="seed of the random subset of COCO images")
+    src.add_argument("--dataset", help="a datasets Hub id or a local imagefolder (images + metadata.jsonl)")
+    src.add_argument("--dataset-split", default="validation")
+    src.add_argument("--caption-column", default=None, help="default: caption/text/prompt/captions/sentences")
+    src.add_argument("--image-column", default="image", help="'none' for captions only")
+    src.add_argument("--captions-file", help="one caption per line (captions only: give --reference-dir for FID)")
+    src.add_argument("--reference-dir", help="reference images for FID (default: the caption source's images)")
+    src.add_argument("--num-reference", type=int, default=None, help="use the first N reference images")
+    ov = e.add_argument_group("protocol overrides (default: the protocol's)")
+    ov.add_argument("--num-prompts", type=int, default=None, help="fewer prompts, e.g. 1000 for a quick look")
+    ov.add_argument("--resolution", type=int, default=None, help="generation size (divisible by 8)")
+    ov.add_argument("--fid-resolution", type=int, default=None, help="FID images are resized to this")
+    ov.add_argument("--steps", type=int, default=None, help="sampling steps (default 1)")
+    ov.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default 0: none)")
+    ov.add_argument("--seed", type=int, default=None, help="image i uses seed + i (default 0)")
+    ov.add_argument("--no-patch-fid", action="store_true")
+    ov.add_argument("--clip-model", default=None, help="open_clip model (default ViT-g-14); 'none' skips the score")
+    ov.add_argument("--clip-pretrained", default=None, help="open_clip weights tag (default laion2b_s12b_b42k)")
+    e.add_argument("--metrics", default="fid,patch_fid,clip_score")
+    e.add_argument("--checkpoint", default=None, help="a raw UNet checkpoint (.bin/.safetensors) to put into MODEL")
+    e.add_argument("--batch-size", type=int, default=8, help="images per pipeline call per process")
+    e.add_argument("--feature-batch-size", type=int, default=64)
+    e.add_argument("--stats-cache", default=None, help="reference statistics cache folder")
+    e.add_argument("--device", default=None, help="default: the accelerate process's device")
+    e.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: as saved)")
+    e.add_argument("--revision", default=None)
+    e.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
+    e.add_argument(
+        "--feature-extractor",
+        choices=["inception", "tiny"],
+        default="inception",
+        help="inception: clean-fid's (the protocol); tiny: a random stand-in for offline tests (not comparable)",
+    )
+    e.set_defaults(func=_evaluate)
     return parser
 
 

@@ -6,6 +6,10 @@ hidden states are concatenated, `text_time` added conditioning, an 8x-downsampli
 
 `python -m diffusers_disback.testing OUT_DIR` saves a tiny teacher as a `StableDiffusionXLPipeline` folder.
 `get_sdxl_components(size="sdxl")` builds SDXL-sized random-weight components for GPU benchmarks.
+
+For evaluation tests: `TinyFeatureExtractor` stands in for the FID Inception network, `get_tiny_clip_scorer` for the
+open_clip model, and `write_tiny_caption_set` writes a small captioned image set (imagefolder and COCO layouts).
+Numbers computed with them compare only to each other.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ __all__ = [
     "get_sdxl_components",
     "get_tiny_tokenizer",
     "save_tiny_teacher",
+    "TinyFeatureExtractor",
+    "get_tiny_clip_scorer",
+    "write_tiny_caption_set",
 ]
 
 # SDXL's scheduler config (stabilityai/stable-diffusion-xl-base-1.0, scheduler/scheduler_config.json)
@@ -146,9 +153,7 @@ def get_tiny_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """A CLIP tokenizer over a byte-level vocabulary (about 520 tokens), built without any download."""
     with tempfile.TemporaryDirectory() as d:
         vocab_path, merges_path = write_tiny_tokenizer_files(d)
-        tokenizer = CLIPTokenizer(
-            vocab=vocab_path, merges=merges_path, pad_token=pad_token, model_max_length=77
-        )
+        tokenizer = CLIPTokenizer(vocab=vocab_path, merges=merges_path, pad_token=pad_token, model_max_length=77)
     return tokenizer
 
 
@@ -215,6 +220,113 @@ def save_tiny_teacher(output_dir: str, seed: int = 0, size: str = "tiny") -> str
     pipe = StableDiffusionXLPipeline(**get_sdxl_components(size, seed=seed))
     pipe.save_pretrained(output_dir)
     return output_dir
+
+
+class TinyFeatureExtractor(torch.nn.Module):
+    """
+    Stands in for clean-fid's Inception in offline tests: two fixed random convolutions and a mean pool, taking the
+    same input (float32 `[N, 3, 299, 299]` in [0, 255]) and giving `dim` features. Its FIDs are not comparable to
+    published ones.
+    """
+
+    name = "testing: tiny random conv features (not comparable)"
+
+    def __init__(self, dim: int = 16, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.conv1 = torch.nn.Conv2d(3, 8, 8, stride=8)
+        self.conv2 = torch.nn.Conv2d(8, dim, 4, stride=4)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+        self.requires_grad_(False).eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.conv1(x / 127.5 - 1.0))
+        return self.conv2(x).mean(dim=(2, 3))
+
+
+def get_tiny_clip_scorer(prefix: str = "A photo depicts ", resolution: int = 256, seed: int = 0):
+    """A `ClipScorer` over a tiny random transformers CLIP (32x32 images, the tiny tokenizer): CLIP-score plumbing."""
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+
+    from .evaluation import ClipScorer
+
+    tok = get_tiny_tokenizer()
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=16)
+    config = CLIPConfig(
+        text_config=CLIPTextConfig(vocab_size=1000, max_position_embeddings=77, **ids, **small).to_dict(),
+        vision_config=CLIPVisionConfig(image_size=32, patch_size=8, **small).to_dict(),
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+
+    def _features(out):
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def preprocess(image):
+        arr = np.asarray(image.resize((32, 32), Image.BICUBIC), dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+    def tokenizer(texts):
+        return tok(list(texts), padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+    return ClipScorer(
+        lambda px: _features(model.get_image_features(pixel_values=px)),
+        lambda ids_: _features(model.get_text_features(input_ids=ids_)),
+        preprocess,
+        tokenizer,
+        prefix=prefix,
+        resolution=resolution,
+        name="testing: tiny random CLIP (not comparable)",
+    )
+
+
+_WORDS = ["a", "cat", "dog", "the", "red", "blue", "on", "table", "street", "with", "bus", "tree", "man", "two"]
+
+
+def write_tiny_caption_set(directory: str, num: int = 24, size: tuple[int, int] = (320, 304), seed: int = 0) -> str:
+    """
+    Writes `num` seeded random images (smooth colour fields with a few rectangles, `size` = (w, h)) with captions, as
+    an `imagefolder` dataset (`metadata.jsonl`: file_name, text) and as COCO annotations (`captions.json`, two
+    captions per image, the first by annotation id being the one `CaptionSet.from_coco` picks). Returns `directory`.
+    """
+    import random
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    os.makedirs(directory, exist_ok=True)
+    rng = random.Random(seed)
+    w, h = size
+    images, annotations, rows = [], [], []
+    for i in range(num):
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([(np.sin(xx / rng.uniform(8, 40) + c) * 0.5 + 0.5) * 255 for c in range(3)], axis=-1)
+        image = Image.fromarray(base.astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(3):
+            x0, y0 = rng.randrange(w - 40), rng.randrange(h - 40)
+            draw.rectangle(
+                (x0, y0, x0 + rng.randint(10, 40), y0 + rng.randint(10, 40)), fill=tuple(rng.choices(range(256), k=3))
+            )
+        name = f"img_{i:03d}.png"
+        image.save(os.path.join(directory, name))
+        caption = " ".join(rng.choices(_WORDS, k=rng.randint(3, 8)))
+        rows.append({"file_name": name, "text": caption})
+        images.append({"id": 1000 + i, "file_name": name, "width": w, "height": h})
+        annotations.append({"id": 5000 + 2 * i, "image_id": 1000 + i, "caption": caption})
+        annotations.append({"id": 5001 + 2 * i, "image_id": 1000 + i, "caption": "another " + caption})
+    rng.shuffle(annotations)
+    with open(os.path.join(directory, "metadata.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(os.path.join(directory, "captions.json"), "w", encoding="utf-8") as f:
+        json.dump({"images": images, "annotations": annotations}, f)
+    return directory
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,60 @@
+"""
+Evaluation people can compare: COCO FID, patch-FID and CLIP score under DMD2's protocol, for any text-to-image
+pipeline (one-step, few-step, or the teacher).
+
+    from diffusers_disback.evaluation import CaptionSet, evaluate, get_protocol, load_pipeline
+
+    pipe = load_pipeline("path/or/hub-id", torch_dtype=torch.float16).to("cuda")
+    captions = CaptionSet.from_coco("annotations/captions_val2014.json", "val2014", num=10_000)
+    evaluate(pipe, captions, "eval/disback", get_protocol("sdxl-coco10k"))
+
+`disback evaluate` is the same from the command line; see docs/evaluation.md.
+"""
+
+from .data import CaptionSet, image_folder
+from .evaluate import METRICS, ReferenceImages, evaluate, fid_against, library_versions, load_pipeline, sample_grid
+from .generation import generate_images, missing_indices
+from .metrics import (
+    ClipScorer,
+    ReferenceStatistics,
+    center_crop,
+    center_crop_square,
+    clean_resizer,
+    clip_transform,
+    compute_features,
+    feature_statistics,
+    fid_transform,
+    frechet_distance,
+    inception_feature_extractor,
+    patch_fid_transform,
+)
+from .protocol import PROTOCOLS, EvalProtocol, get_protocol
+
+__all__ = [
+    "CaptionSet",
+    "ClipScorer",
+    "EvalProtocol",
+    "METRICS",
+    "PROTOCOLS",
+    "ReferenceImages",
+    "ReferenceStatistics",
+    "center_crop",
+    "center_crop_square",
+    "clean_resizer",
+    "clip_transform",
+    "compute_features",
+    "evaluate",
+    "feature_statistics",
+    "fid_against",
+    "fid_transform",
+    "frechet_distance",
+    "generate_images",
+    "get_protocol",
+    "image_folder",
+    "inception_feature_extractor",
+    "library_versions",
+    "load_pipeline",
+    "missing_indices",
+    "patch_fid_transform",
+    "sample_grid",
+]

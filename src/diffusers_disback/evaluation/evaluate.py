@@ -1,0 +1,269 @@
+"""`evaluate`: generate a pipeline's images for a caption set and report FID, patch-FID and CLIP score."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .data import CaptionSet
+from .generation import generate_images, image_path
+from .io import atomic_write, atomic_write_text
+from .metrics import (
+    ClipScorer,
+    FeatureExtractor,
+    ReferenceStatistics,
+    compute_features,
+    feature_statistics,
+    fid_transform,
+    frechet_distance,
+    inception_feature_extractor,
+    patch_fid_transform,
+)
+from .protocol import EvalProtocol
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("fid", "patch_fid", "clip_score")
+RESULTS_FILE = "metrics.json"
+
+
+class ReferenceImages:
+    """Reference images for FID: a fingerprint (keys the statistics cache), a loader and a count."""
+
+    def __init__(self, fingerprint: str, loader: Callable[[], Iterator[Image.Image]], count: int | None, source: str):
+        self.fingerprint, self.loader, self.count, self.source = fingerprint, loader, count, source
+
+    @classmethod
+    def from_caption_set(cls, captions: CaptionSet) -> ReferenceImages:
+        return cls(captions.fingerprint, captions.images, len(captions), captions.source)
+
+    @classmethod
+    def from_folder(cls, path: str, num: int | None = None) -> ReferenceImages:
+        from .data import image_folder
+
+        fingerprint, loader, count = image_folder(path, num)
+        return cls(fingerprint, loader, count, f"folder:{path}")
+
+
+def load_pipeline(
+    model: str,
+    checkpoint: str | None = None,
+    torch_dtype=None,
+    revision: str | None = None,
+    variant: str | None = None,
+):
+    """
+    The pipeline to evaluate: a diffusers folder or Hub id, loaded with `DiffusionPipeline.from_pretrained` and its
+    saved scheduler (DisBack repos sample their one-step timesteps with stock classes); or, with `checkpoint`, a
+    released raw UNet checkpoint put into `model` (the SDXL base) through the conversion path.
+    """
+    if checkpoint is not None:
+        from ..pipeline_disback import DisBackPipeline
+
+        return DisBackPipeline.from_unet_checkpoint(checkpoint, base_model=model, torch_dtype=torch_dtype)
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, revision=revision, variant=variant)
+
+
+def library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("diffusers_disback", "torch", "diffusers", "transformers", "numpy", "scipy", "pillow", "clean-fid",
+                 "open_clip_torch", "datasets"):  # fmt: skip
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _generated_images(images_dir: str, count: int) -> Iterator[Image.Image]:
+    for i in range(count):
+        with Image.open(image_path(images_dir, i)) as im:
+            yield im.convert("RGB")
+
+
+def sample_grid(images_dir: str, count: int, columns: int = 4, size: int = 256, max_images: int = 16) -> Image.Image:
+    """The first `max_images` generated images in a grid of `size`-pixel tiles."""
+    n = min(count, max_images)
+    rows = (n + columns - 1) // columns
+    grid = Image.new("RGB", (columns * size, rows * size), "white")
+    for i, im in zip(range(n), _generated_images(images_dir, n)):
+        grid.paste(im.resize((size, size), Image.LANCZOS), ((i % columns) * size, (i // columns) * size))
+    return grid
+
+
+def fid_against(
+    stats: ReferenceStatistics,
+    images: Callable[[], Iterator[Image.Image]],
+    extractor: FeatureExtractor,
+    transform,
+    batch_size: int = 64,
+    device="cpu",
+    progress: bool = False,
+    total: int | None = None,
+) -> float:
+    """FID of `images` against cached reference statistics."""
+    feats = compute_features(images(), extractor, transform, batch_size, device, progress, "generated features", total)
+    return frechet_distance(*feature_statistics(feats), stats.mu, stats.sigma)
+
+
+def evaluate(
+    pipeline,
+    captions: CaptionSet,
+    output_dir: str,
+    protocol: EvalProtocol,
+    reference: ReferenceImages | None = None,
+    metrics: Sequence[str] = METRICS,
+    batch_size: int = 8,
+    feature_extractor: FeatureExtractor | None = None,
+    clip_scorer: ClipScorer | None = None,
+    stats_cache: str | None = None,
+    device=None,
+    model_id: str | None = None,
+    feature_batch_size: int = 64,
+    progress: bool = True,
+    **pipeline_kwargs,
+) -> dict | None:
+    """
+    Generates `protocol.num_prompts` images (resumable, data-parallel under `accelerate launch`), then on the main
+    process computes `metrics` and writes `output_dir/metrics.json` (the numbers and everything needed to reproduce
+    them) and `output_dir/grid.png`. Returns the result dict on the main process and `None` on the others.
+
+    Args:
+        pipeline: a text-to-image pipeline on its device.
+        captions: what to generate; the first `protocol.num_prompts` are used.
+        reference: reference images for FID/patch-FID (default: the caption set's own images, if it has them).
+        feature_extractor: stands in for clean-fid's Inception (default), e.g. a tiny one in tests.
+        clip_scorer: stands in for the protocol's open_clip model (default).
+        stats_cache: folder for reference statistics (default `$HF_HOME/diffusers_disback/fid_stats`).
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {list(METRICS)}")
+    metrics = [m for m in METRICS if m in metrics and (m != "patch_fid" or protocol.patch_fid)]
+    if "clip_score" in metrics and clip_scorer is None and protocol.clip_model is None:
+        metrics.remove("clip_score")
+    if len(captions) < protocol.num_prompts:
+        raise ValueError(
+            f"the protocol asks for {protocol.num_prompts} prompts but {captions.source} gave {len(captions)}"
+        )
+    prompts = captions.captions[: protocol.num_prompts]
+    if reference is None and captions.has_images:
+        reference = ReferenceImages.from_caption_set(captions)
+    if any(m in metrics for m in ("fid", "patch_fid")) and reference is None:
+        raise ValueError(
+            f"FID needs reference images, and {captions.source} has captions only: pass a reference folder or a "
+            "dataset with images (or evaluate the CLIP score alone)"
+        )
+    device = device if device is not None else state.device
+    images_dir = os.path.join(output_dir, "images")
+
+    gen = generate_images(
+        pipeline,
+        prompts,
+        images_dir,
+        seed=protocol.seed,
+        num_inference_steps=protocol.num_inference_steps,
+        guidance_scale=protocol.guidance_scale,
+        resolution=protocol.resolution,
+        batch_size=batch_size,
+        model_id=model_id,
+        progress=progress,
+        **pipeline_kwargs,
+    )
+    if not state.is_main_process:
+        return None
+
+    n = len(prompts)
+    show = progress and state.is_local_main_process
+    results: dict = {}
+    details: dict = {}
+    if any(m in metrics for m in ("fid", "patch_fid")):
+        extractor = feature_extractor if feature_extractor is not None else inception_feature_extractor(device)
+        extractor_name = getattr(extractor, "name", type(extractor).__name__)
+        cache = stats_cache or os.path.join(
+            os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")),
+            "diffusers_disback",
+            "fid_stats",
+        )
+        for metric, transform, transform_name in (
+            ("fid", fid_transform(protocol.fid_resolution), f"square-crop+lanczos{protocol.fid_resolution}"),
+            ("patch_fid", patch_fid_transform(299), "center-crop299"),
+        ):
+            if metric not in metrics:
+                continue
+            key = hashlib.sha256(f"{reference.fingerprint}|{transform_name}|{extractor_name}".encode()).hexdigest()[
+                :32
+            ]
+            stats, cached = ReferenceStatistics.get_or_compute(
+                cache,
+                key,
+                reference.loader,
+                extractor,
+                transform,
+                feature_batch_size,
+                device,
+                show,
+                reference.count,
+                metadata={
+                    "source": reference.source,
+                    "transform": transform_name,
+                    "feature_extractor": extractor_name,
+                },
+            )
+            results[metric] = fid_against(
+                stats, lambda: _generated_images(images_dir, n), extractor, transform, feature_batch_size, device,
+                show, n,
+            )  # fmt: skip
+            details[metric] = {
+                "transform": transform_name,
+                "reference_images": stats.count,
+                "reference_stats": stats.path,
+                "reference_stats_reused": cached,
+            }
+        details["feature_extractor"] = extractor_name
+    if "clip_score" in metrics:
+        scorer = clip_scorer or ClipScorer.from_open_clip(
+            protocol.clip_model, protocol.clip_pretrained, device, protocol.clip_prefix, protocol.clip_resolution
+        )
+        results["clip_score"] = scorer.score(_generated_images(images_dir, n), prompts, feature_batch_size, show)
+        details["clip_score"] = {"model": scorer.name, "prefix": scorer.prefix, "resolution": scorer.resolution}
+
+    grid = sample_grid(images_dir, n)
+    atomic_write(os.path.join(output_dir, "grid.png"), grid.save)
+    record = {
+        "metrics": results,
+        "model": model_id,
+        "protocol": protocol.to_dict(),
+        "num_images": n,
+        "captions": {"source": captions.source, "fingerprint": captions.fingerprint},
+        "reference": None if reference is None else {"source": reference.source, "fingerprint": reference.fingerprint},
+        "seeds": {"base": protocol.seed, "rule": "image i from torch.Generator('cpu').manual_seed(seed + i)"},
+        "details": details,
+        "generation": {**gen, "processes": state.num_processes, "batch_size_per_process": batch_size},
+        "versions": library_versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    text = json.dumps(record, indent=2, default=_jsonable)
+    atomic_write_text(os.path.join(output_dir, RESULTS_FILE), text)
+    logger.info("evaluation %s: %s", protocol.name, results)
+    return record
+
+
+def _jsonable(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
