@@ -224,3 +224,27 @@ def test_gan_term_with_real_images(teacher, tmp_path):
     assert any(k.startswith("head.") for k in model)  # the discriminator head trains with the fake score
     proc = _run(_cmd(teacher, tmp_path / "bad", "--gan_loss_weight", "5e-3"))
     assert proc.returncode != 0 and "--gan_loss_weight needs real images" in proc.stderr
+
+
+def test_in_training_evaluation_logs_fid_and_clip(teacher, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from diffusers_disback.testing import write_tiny_caption_set
+
+    data = write_tiny_caption_set(str(tmp_path / "eval_set"), num=8, size=(96, 80))
+    out = tmp_path / "run"
+    proc = _run(_cmd(teacher, out, "--degradation_steps", "2", "--max_train_steps", "4", "--validation_steps", "0",
+                     "--eval_steps", "2", "--eval_dataset", data, "--eval_dataset_split", "train",
+                     "--eval_num_prompts", "8", "--eval_feature_extractor", "tiny", "--eval_clip_model", "tiny"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("evaluation at step") == 2
+    assert len(os.listdir(out / "eval")) == 1  # the reference statistics, computed once
+    events = [os.path.join(r, f) for r, _, fs in os.walk(out / "logs") for f in fs if f.startswith("events")]
+    acc = EventAccumulator(events[0])
+    acc.Reload()
+    fids = [e.value for e in acc.Scalars("eval/fid")]
+    clips = [e.value for e in acc.Scalars("eval/clip_score")]
+    assert len(fids) == 2 and all(f > 0 for f in fids) and all(-1 <= c <= 1 for c in clips)
+
+    no_data = _run(_cmd(teacher, tmp_path / "bad", "--eval_steps", "2"))
+    assert no_data.returncode != 0 and "--eval_steps needs --eval_dataset" in no_data.stderr

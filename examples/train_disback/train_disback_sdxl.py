@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import importlib.util
 import json
 import logging
@@ -186,6 +187,27 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         default=["a photo of an astronaut riding a horse on mars", "a red fox in a snowy forest"],
     )
+    # in-training evaluation (off by default): FID / CLIP score of one-step samples on a small caption set
+    p.add_argument("--eval_steps", type=int, default=0, help="every N stage-2 steps compute FID/CLIP (0: never)")
+    p.add_argument(
+        "--eval_dataset",
+        default=None,
+        help="captioned images: a datasets Hub id or a local imagefolder (metadata.jsonl)",
+    )
+    p.add_argument("--eval_dataset_split", default="validation")
+    p.add_argument("--eval_num_prompts", type=int, default=256, help="captions (and reference images) to use")
+    p.add_argument("--eval_fid_resolution", type=int, default=None, help="default: min(512, --resolution)")
+    p.add_argument(
+        "--eval_feature_extractor",
+        choices=["inception", "tiny"],
+        default="inception",
+        help="inception: clean-fid's (needs the eval extra); tiny: a random stand-in for offline tests",
+    )
+    p.add_argument(
+        "--eval_clip_model", default=None, help="open_clip model for a CLIP score, e.g. ViT-g-14 ('tiny' in tests)"
+    )
+    p.add_argument("--eval_clip_pretrained", default="laion2b_s12b_b42k")
+    p.add_argument("--eval_stats_cache", default=None, help="reference statistics cache (default: output_dir/eval)")
     # hub
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--hub_model_id", default=None)
@@ -196,6 +218,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     if (args.dataset_name is None) == (args.train_data_files is None):
         p.error("give exactly one of --dataset_name and --train_data_files")
+    if args.eval_steps and not args.eval_dataset:
+        p.error("--eval_steps needs --eval_dataset (captioned reference images)")
     if args.gan_loss_weight > 0 and (args.real_dataset_name is None) == (args.real_data_dir is None):
         p.error("--gan_loss_weight needs real images: exactly one of --real_dataset_name and --real_data_dir")
     if args.resolution % 8:
@@ -407,6 +431,7 @@ class Run:
         if args.push_to_hub and acc.is_main_process:
             self.pusher = BackgroundPusher(args.hub_model_id, private=args.hub_private or None, token=args.hub_token)
         self.checkpoint_count = 0
+        self.eval = self._setup_eval() if args.eval_steps else None
 
     # ------------------------------------------------------------------------------------------------ batches
 
@@ -544,6 +569,79 @@ class Run:
                 tracker.log(
                     {"validation": [wandb.Image(grid, caption=" | ".join(args.validation_prompts))]}, step=step
                 )
+
+    def _setup_eval(self) -> dict:
+        """Captions on every rank (each runs the possibly sharded generator); extractor, CLIP and the reference
+        statistics (computed once, cached) on the main process."""
+        from diffusers_disback.evaluation import CaptionSet, ReferenceStatistics, fid_transform
+
+        args, acc = self.args, self.accelerator
+        captions = CaptionSet.from_dataset(args.eval_dataset, args.eval_dataset_split, args.eval_num_prompts)
+        setup = {"captions": captions.captions}
+        if acc.is_main_process:
+            if args.eval_feature_extractor == "tiny":
+                from diffusers_disback.testing import TinyFeatureExtractor
+
+                extractor = TinyFeatureExtractor().to(acc.device)
+            else:
+                from diffusers_disback.evaluation import inception_feature_extractor
+
+                extractor = inception_feature_extractor(acc.device)
+            transform = fid_transform(args.eval_fid_resolution or min(512, args.resolution))
+            name = getattr(extractor, "name", type(extractor).__name__)
+            key = hashlib.sha256(f"{captions.fingerprint}|{args.eval_fid_resolution}|{name}".encode()).hexdigest()[:32]
+            stats, _ = ReferenceStatistics.get_or_compute(
+                args.eval_stats_cache or os.path.join(args.output_dir, "eval"), key, captions.images, extractor,
+                transform, device=acc.device, total=len(captions), metadata={"source": captions.source},
+            )  # fmt: skip
+            scorer = None
+            if args.eval_clip_model == "tiny":
+                from diffusers_disback.testing import get_tiny_clip_scorer
+
+                scorer = get_tiny_clip_scorer()
+            elif args.eval_clip_model:
+                from diffusers_disback.evaluation import ClipScorer
+
+                scorer = ClipScorer.from_open_clip(args.eval_clip_model, args.eval_clip_pretrained, acc.device)
+            setup.update(extractor=extractor, transform=transform, stats=stats, scorer=scorer)
+        return setup
+
+    @torch.no_grad()
+    def evaluate(self, generator_unet, step: int):
+        """FID (and CLIP score) of one-step samples for the eval captions, fixed seeds (`seed + i`), logged as
+        `eval/fid` and `eval/clip_score`."""
+        from PIL import Image
+
+        from diffusers_disback.evaluation import fid_against
+
+        acc, args, setup = self.accelerator, self.args, self.eval
+        captions, images = setup["captions"], []
+        vae = (self.vae if self.vae is not None else self._load_vae()) if acc.is_main_process else None
+        for start in range(0, len(captions), args.train_batch_size):
+            chunk = captions[start : start + args.train_batch_size]
+            z = torch.stack(
+                [
+                    torch.randn(self.latent_shape, generator=torch.Generator().manual_seed(start + i))
+                    for i in range(len(chunk))
+                ]
+            ).to(acc.device)
+            x0 = self.generate(generator_unet, self.conditioner(chunk, acc.device), z)
+            if acc.is_main_process:
+                pixels = vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample.float()
+                arrays = (
+                    pixels.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                )
+                images += [Image.fromarray(a) for a in arrays]
+        if not acc.is_main_process:
+            return
+        fid = fid_against(
+            setup["stats"], lambda: iter(images), setup["extractor"], setup["transform"], device=acc.device
+        )
+        logs = {"eval/fid": fid}
+        if setup["scorer"] is not None:
+            logs["eval/clip_score"] = setup["scorer"].score(images, captions)
+        self.log(logs, step)
+        logger.info(f"evaluation at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
 
     def report_peak_memory(self, what: str):
         if torch.cuda.is_available():
@@ -828,6 +926,8 @@ def run_backtracking(run: Run, resume: str | None):
         run.state.schedule = schedule.state_dict()
         if args.validation_steps and step % args.validation_steps == 0:
             run.validate(generator, run.state.global_step)
+        if args.eval_steps and step % args.eval_steps == 0:
+            run.evaluate(generator, run.state.global_step)
         if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
             run.save_checkpoint()  # resuming the last one runs no iteration but still writes the final pipeline
     run.report_peak_memory("stage 2")
