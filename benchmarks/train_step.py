@@ -80,6 +80,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also time the iteration's two phases against their passes, and print torch.profiler's top ops",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats = 2
@@ -98,8 +103,8 @@ def main(argv=None) -> dict:
     g_eps, f_eps, t_eps = unet_eps_fn(generator), unet_eps_fn(fake), unet_eps_fn(teacher)
     backtracking = BacktrackingSchedule(num_nodes=1)
 
-    def iteration():
-        """What the script does per iteration with r = 1, through the library."""
+    def iteration(mark=lambda name: None):
+        """What the script does per iteration with r = 1, through the library. `mark` ends a phase (profiling)."""
         cond = conditioner(prompts, device)
         z = torch.randn(shape, generator=noise_gen).to(device)
         with torch.no_grad(), autocast:
@@ -110,6 +115,7 @@ def main(argv=None) -> dict:
         torch.nn.utils.clip_grad_norm_(fake.parameters(), 10.0)
         opt_f.step()
         opt_f.zero_grad(set_to_none=True)
+        mark("text + generator sample + fake score update")
         target = Score(t_eps, schedule, uncond=SDXLConditioner.uncond(cond))
         with autocast:
             x0 = one_step_sample(g_eps, z, cond, schedule)
@@ -121,6 +127,7 @@ def main(argv=None) -> dict:
         opt_g.step()
         opt_g.zero_grad(set_to_none=True)
         backtracking.step(distance=float(info["dm_distance"]))
+        mark("generator sample (grad) + DM step + generator update")
 
     def passes() -> dict:
         """The same work as bare passes, each timed on its own."""
@@ -180,6 +187,8 @@ def main(argv=None) -> dict:
         _sync(device)
         it_times.append(time.perf_counter() - start)
         pass_times.append(passes())
+    if args.profile:
+        profile(iteration, passes, device, args.repeats)
     it = statistics.median(it_times) * 1000
     parts = {k: statistics.median(p[k] for p in pass_times) * 1000 for k in pass_times[0]}
     total = sum(parts.values())
@@ -200,6 +209,46 @@ def main(argv=None) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print(f"| peak process memory (RSS) | {peak:.2f} GiB | |")
     return {"iteration_ms": it, "passes_ms": total, "ratio": it / total, "peak_gib": peak, "parts": parts}
+
+
+def profile(iteration, passes, device, repeats: int):
+    """Phase times of the iteration (synchronised at each phase's end) against the passes that phase is made of,
+    then torch.profiler's top ops for one iteration and for one round of passes."""
+    phases: dict[str, list[float]] = {}
+    pass_rounds = []
+    last = [0.0]
+
+    def mark(name):
+        _sync(device)
+        now = time.perf_counter()
+        phases.setdefault(name, []).append(now - last[0])
+        last[0] = now
+
+    for _ in range(repeats):
+        _sync(device)
+        last[0] = time.perf_counter()
+        iteration(mark)
+        pass_rounds.append(passes())
+    first = ("text encoders", "generator forward (no grad)", "fake score forward + backward + step")
+    print("\niteration phases (synchronised) against their passes, medians")
+    print("| phase | iteration ms | passes ms | ratio |")
+    print("| --- | ---: | ---: | ---: |")
+    for i, (name, times) in enumerate(phases.items()):
+        keys = [k for k in pass_rounds[0] if (k in first) == (i == 0)]
+        p = statistics.median(sum(r[k] for k in keys) for r in pass_rounds) * 1000
+        t = statistics.median(times) * 1000
+        print(f"| {name} | {t:.1f} | {p:.1f} | {t / p:.3f}x |")
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    sort = "self_cpu_time_total"
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        sort = "self_cuda_time_total"
+    for what, fn in (("one iteration", iteration), ("one round of passes", passes)):
+        with torch.profiler.profile(activities=activities) as prof:
+            fn()
+            _sync(device)
+        print(f"\ntorch.profiler, {what}, top ops by {sort}")
+        print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60))
 
 
 if __name__ == "__main__":
