@@ -310,3 +310,17 @@ def test_load_pipeline_from_a_folder_or_a_raw_checkpoint(teacher_dir, tmp_path):
     converted = load_pipeline(teacher_dir, checkpoint=str(raw))
     assert isinstance(converted, DisBackPipeline) and isinstance(converted.scheduler, DisBackScheduler)
     assert torch.equal(converted.unet.conv_in.weight, teacher.unet.conv_in.weight)
+
+
+def test_captions_and_images_stream_from_a_hub_dataset(hub_server, caption_dir):
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo("user/tiny-coco", repo_type="dataset", exist_ok=True)
+    api.upload_folder(folder_path=caption_dir, repo_id="user/tiny-coco", repo_type="dataset",
+                      allow_patterns=["*.png", "metadata.jsonl"])  # fmt: skip
+    hub = CaptionSet.from_dataset("user/tiny-coco", split="train", num=6)
+    local = CaptionSet.from_dataset(caption_dir, split="train", num=6)
+    assert hub.captions == local.captions and hub.source == "dataset:user/tiny-coco[train]"
+    for a, b in zip(hub.images(), local.images()):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
