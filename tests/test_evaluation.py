@@ -297,14 +297,19 @@ def test_cli_evaluate_single_and_data_parallel(teacher_dir, caption_dir, tmp_pat
     assert bad.returncode != 0 and "exactly one caption source" in bad.stderr
 
 
-def test_load_pipeline_from_a_folder_or_a_raw_checkpoint(teacher_dir, tmp_path):
+def test_load_pipeline_from_a_folder_a_hub_id_or_a_raw_checkpoint(hub_server, teacher_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
+    from huggingface_hub import HfApi
     from safetensors.torch import save_file
 
     from diffusers_disback.evaluation import load_pipeline
 
     teacher = load_pipeline(teacher_dir)
     assert type(teacher) is StableDiffusionXLPipeline  # the saved scheduler, stock classes
+    HfApi().create_repo("user/eval-teacher", exist_ok=True)
+    HfApi().upload_folder(folder_path=teacher_dir, repo_id="user/eval-teacher")
+    from_hub = load_pipeline("user/eval-teacher")
+    assert torch.equal(from_hub.unet.conv_in.weight, teacher.unet.conv_in.weight)
     raw = tmp_path / "SDXL_DisBack.safetensors"
     save_file({f"module.{k}": v for k, v in teacher.unet.state_dict().items()}, str(raw))
     converted = load_pipeline(teacher_dir, checkpoint=str(raw))
