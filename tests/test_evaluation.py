@@ -329,3 +329,6 @@ def test_captions_and_images_stream_from_a_hub_dataset(hub_server, caption_dir):
     assert hub.captions == local.captions and hub.source == "dataset:user/tiny-coco[train]"
     for a, b in zip(hub.images(), local.images()):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # a new commit on the dataset gives new reference statistics (the fingerprint holds the commit)
+    api.upload_file(path_or_fileobj=b"# tiny", path_in_repo="README.md", repo_id="user/tiny-coco", repo_type="dataset")
+    assert CaptionSet.from_dataset("user/tiny-coco", split="train", num=6).fingerprint != hub.fingerprint

@@ -164,7 +164,7 @@ class CaptionSet:
                 for row in rows.select_columns([image_column]):
                     yield row[image_column].convert("RGB")
 
-        key = _folder_digest(name) if local else revision or "main"
+        key = _folder_digest(name) if local else _dataset_commit(name, revision)
         return cls(
             captions,
             source=f"dataset:{name}[{split}]",
@@ -195,6 +195,16 @@ def image_folder(path: str, num: int | None = None) -> tuple[str, Callable[[], I
 
     digest = _sha("folder", *((f, os.path.getsize(os.path.join(path, f))) for f in files))
     return digest, load, len(files)
+
+
+def _dataset_commit(name: str, revision: str | None) -> str:
+    """The commit a Hub dataset's revision points to (so a dataset updated on `main` gets new statistics)."""
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(name, revision=revision).sha or revision or "main"
+    except Exception:  # offline, or not a Hub dataset: the revision name is the best key there is
+        return revision or "main"
 
 
 def _folder_digest(path: str) -> str:
