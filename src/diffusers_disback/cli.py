@@ -229,9 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default 0: none)")
     ov.add_argument("--seed", type=int, default=None, help="image i uses seed + i (default 0)")
     ov.add_argument("--no-patch-fid", action="store_true")
-    ov.add_argument("--clip-model", default=None, help="open_clip model (default ViT-g-14); 'none' skips the score")
+    ov.add_argument(
+        "--clip-model",
+        default=None,
+        help="open_clip model (default ViT-g-14); 'none' skips the score; 'tiny': a random stand-in for tests",
+    )
     ov.add_argument("--clip-pretrained", default=None, help="open_clip weights tag (default laion2b_s12b_b42k)")
-    e.add_argument("--metrics", default="fid,patch_fid,clip_score")
+    e.add_argument("--metrics", default="fid,patch_fid,clip_score", help="comma-separated subset")
     e.add_argument("--checkpoint", default=None, help="a raw UNet checkpoint (.bin/.safetensors) to put into MODEL")
     e.add_argument("--batch-size", type=int, default=8, help="images per pipeline call per process")
     e.add_argument("--feature-batch-size", type=int, default=64)
