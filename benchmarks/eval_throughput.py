@@ -4,7 +4,7 @@ Measured in one process: (1) bare pipeline calls in batches (one generator per b
 (2) `generate_images` (one seeded generator per image, PNGs written atomically, resume bookkeeping) on the same
 captions; (3) feature throughput of the FID path (square crop + LANCZOS to the FID size, clean-fid's resize to 299²,
 a feature network: the tiny stand-in, since Inception's weights are not downloadable here) and of the patch-FID
-path. The ratio (2)/(1) is the evaluation's generation overhead; the per-image times give the protocol's wall time.
+path, on one thread and on the thread pool. The ratio (2)/(1) is the evaluation's generation overhead; the per-image times give the protocol's wall time.
 
     python benchmarks/eval_throughput.py                                   # tiny components, CPU, 64x64
     python benchmarks/eval_throughput.py --size sdxl --device cuda --dtype float16 --num_prompts 32   # GPU
@@ -83,9 +83,10 @@ def main(argv=None) -> dict:
         if resolution >= 299:
             transforms.append(("patch-FID", patch_fid_transform(299)))
         for name, transform in transforms:
-            start = time.perf_counter()
-            compute_features(images, extractor, transform, batch_size=64, device=args.device)
-            feats[name] = (time.perf_counter() - start) / len(images)
+            for workers, label in ((1, f"{name} features, 1 thread"), (None, f"{name} features, thread pool")):
+                start = time.perf_counter()
+                compute_features(images, extractor, transform, batch_size=64, device=args.device, workers=workers)
+                feats[label] = (time.perf_counter() - start) / len(images)
 
     print(
         f"\nevaluation throughput, {args.size} components, {resolution}x{resolution}, {args.device}, {args.dtype}, "
@@ -97,8 +98,9 @@ def main(argv=None) -> dict:
     print(f"| generate_images (seed per image, PNG writes) | {ours * 1000:.1f} ms | {ours / bare:.3f}x |")
     print(f"| going on with nothing missing (whole set) | {resume * 1000:.1f} ms | |")
     for name, t in feats.items():
-        print(f"| {name} features (crop/resize on the CPU + network) | {t * 1000:.1f} ms | |")
-    total = ours + sum(feats.values())
+        base = feats[name.replace("thread pool", "1 thread")]
+        print(f"| {name} (crop/resize on the CPU + network) | {t * 1000:.1f} ms | {t / base:.3f}x |")
+    total = ours + sum(t for name, t in feats.items() if "pool" in name)
     print(f"| 10k-prompt protocol, one process (generation + features) | {total * 10_000 / 60:.1f} min | |")
     return {"bare": bare, "ours": ours, "features": feats}
 

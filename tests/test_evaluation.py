@@ -131,6 +131,18 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(caption_dir, e
     assert 0 < fids[0] < fids[1] < fids[2]
 
 
+def test_feature_networks_are_told_apart_by_their_weights():
+    from diffusers_disback.evaluation import extractor_id
+
+    assert extractor_id(TinyFeatureExtractor(seed=0)) == extractor_id(TinyFeatureExtractor(seed=0))
+    assert extractor_id(TinyFeatureExtractor(seed=0)) != extractor_id(TinyFeatureExtractor(seed=1))
+    unnamed = TinyFeatureExtractor(seed=0)
+    del unnamed.name
+    other = TinyFeatureExtractor(seed=2)
+    del other.name
+    assert extractor_id(unnamed) != extractor_id(other)  # same class, other weights
+
+
 def test_reference_statistics_are_computed_once_and_reused(caption_dir, extractor, tmp_path):
     captions = CaptionSet.from_dataset(caption_dir, "train", num=12)
     first, cached = ReferenceStatistics.get_or_compute(
@@ -187,7 +199,7 @@ def test_coco_captions_one_per_image(caption_dir):
 
 
 def test_caption_sources_and_their_errors(caption_dir, tmp_path):
-    ds = CaptionSet.from_dataset(caption_dir, "train", num=5)
+    ds = CaptionSet.from_dataset(caption_dir, num=5)  # a local folder's split is "train" by default
     assert len(ds) == 5 and ds.has_images and next(ds.images()).size == (320, 304)
     txt = tmp_path / "captions.txt"
     txt.write_text("a cat\n\nthe dog\n")
@@ -199,6 +211,11 @@ def test_caption_sources_and_their_errors(caption_dir, tmp_path):
         CaptionSet.from_dataset(caption_dir, "train", caption_column="title")
     with pytest.raises(ValueError, match="FID needs reference images"):
         evaluate(None, text, str(tmp_path / "out"), _tiny_protocol(num_prompts=2))
+    with pytest.raises(ValueError, match="no metric left"):
+        evaluate(None, ds, str(tmp_path / "out"), _tiny_protocol(num_prompts=2), metrics=["patch_fid"])
+    # the references of exactly the prompts used, whatever the caption set's length
+    first3 = ReferenceImages.from_caption_set(ds, 3)
+    assert first3.count == 3 and len(list(first3.loader())) == 3 and first3.fingerprint != ds.fingerprint
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -227,6 +244,13 @@ def test_generation_is_seeded_resumable_and_independent_of_batch_size(pipe, tmp_
 
     with pytest.raises(ValueError, match="other settings.*seed: 7 -> 8"):
         generate_images(pipe, captions, str(tmp_path / "a"), batch_size=2, **{**common, "seed": 8})
+    # a setting that is dropped, or another dtype, is a change too (no mixed image sets)
+    generate_images(pipe, captions[:2], str(tmp_path / "n"), negative_prompt="blurry", **common)
+    os.remove(tmp_path / "n" / "00001.png")
+    with pytest.raises(ValueError, match="negative_prompt: 'blurry' -> None"):
+        generate_images(pipe, captions[:2], str(tmp_path / "n"), **common)
+    settings = json.loads((tmp_path / "a" / "generation.json").read_text())
+    assert settings["dtype"] == "torch.float32" and settings["scheduler"] == "DisBackScheduler"
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -234,7 +234,7 @@ def test_in_training_evaluation_logs_fid_and_clip(teacher, tmp_path):
     data = write_tiny_caption_set(str(tmp_path / "eval_set"), num=8, size=(96, 80))
     out = tmp_path / "run"
     proc = _run(_cmd(teacher, out, "--degradation_steps", "2", "--max_train_steps", "4", "--validation_steps", "0",
-                     "--eval_steps", "2", "--eval_dataset", data, "--eval_dataset_split", "train",
+                     "--eval_steps", "2", "--eval_dataset", data,
                      "--eval_num_prompts", "8", "--eval_feature_extractor", "tiny", "--eval_clip_model", "tiny"))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("evaluation at step") == 2

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import importlib.util
 import json
 import logging
@@ -194,7 +193,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="captioned images: a datasets Hub id or a local imagefolder (metadata.jsonl)",
     )
-    p.add_argument("--eval_dataset_split", default="validation")
+    p.add_argument("--eval_dataset_split", default=None, help="default: train (local folder) / validation (Hub)")
     p.add_argument("--eval_num_prompts", type=int, default=256, help="captions (and reference images) to use")
     p.add_argument("--eval_fid_resolution", type=int, default=None, help="default: min(512, --resolution)")
     p.add_argument(
@@ -573,7 +572,14 @@ class Run:
     def _setup_eval(self) -> dict:
         """Captions on every rank (each runs the possibly sharded generator); extractor, CLIP and the reference
         statistics (computed once, cached) on the main process."""
-        from diffusers_disback.evaluation import CaptionSet, ReferenceStatistics, fid_transform
+        from diffusers_disback.evaluation import (
+            CaptionSet,
+            ReferenceStatistics,
+            extractor_id,
+            fid_transform,
+            fid_transform_name,
+            reference_stats_key,
+        )
 
         args, acc = self.args, self.accelerator
         captions = CaptionSet.from_dataset(args.eval_dataset, args.eval_dataset_split, args.eval_num_prompts)
@@ -587,9 +593,12 @@ class Run:
                 from diffusers_disback.evaluation import inception_feature_extractor
 
                 extractor = inception_feature_extractor(acc.device)
-            transform = fid_transform(args.eval_fid_resolution or min(512, args.resolution))
-            name = getattr(extractor, "name", type(extractor).__name__)
-            key = hashlib.sha256(f"{captions.fingerprint}|{args.eval_fid_resolution}|{name}".encode()).hexdigest()[:32]
+            fid_resolution = args.eval_fid_resolution or min(512, args.resolution)
+            transform = fid_transform(fid_resolution)
+            # the key evaluate() uses for this reference set, transform and network
+            key = reference_stats_key(
+                captions.fingerprint, fid_transform_name(fid_resolution), extractor_id(extractor)
+            )
             stats, _ = ReferenceStatistics.get_or_compute(
                 args.eval_stats_cache or os.path.join(args.output_dir, "eval"), key, captions.images, extractor,
                 transform, device=acc.device, total=len(captions), metadata={"source": captions.source},
@@ -602,7 +611,8 @@ class Run:
             elif args.eval_clip_model:
                 from diffusers_disback.evaluation import ClipScorer
 
-                scorer = ClipScorer.from_open_clip(args.eval_clip_model, args.eval_clip_pretrained, acc.device)
+                # kept on the CPU between evaluations: ViT-g-14 is ~5.5 GB in fp32, on rank 0's training GPU otherwise
+                scorer = ClipScorer.from_open_clip(args.eval_clip_model, args.eval_clip_pretrained, "cpu")
             setup.update(extractor=extractor, transform=transform, stats=stats, scorer=scorer)
         return setup
 
@@ -639,7 +649,9 @@ class Run:
         )
         logs = {"eval/fid": fid}
         if setup["scorer"] is not None:
-            logs["eval/clip_score"] = setup["scorer"].score(images, captions)
+            scorer = setup["scorer"].to(acc.device)
+            logs["eval/clip_score"] = scorer.score(images, captions)
+            scorer.to("cpu")
         self.log(logs, step)
         logger.info(f"evaluation at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
 

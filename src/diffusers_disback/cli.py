@@ -154,7 +154,7 @@ def _evaluate(args) -> int:
         clip_scorer=clip_scorer,
         stats_cache=args.stats_cache,
         device=device,
-        model_id=args.model if args.checkpoint is None else f"{args.checkpoint} in {args.model}",
+        model_id=_model_id(args),
         feature_batch_size=args.feature_batch_size,
     )
     if record is not None:
@@ -162,6 +162,13 @@ def _evaluate(args) -> int:
             print(f"{name}: {value:.4f}")
         print(os.path.join(args.output, "metrics.json"))
     return 0
+
+
+def _model_id(args) -> str:
+    model = args.model if args.checkpoint is None else f"{args.checkpoint} in {args.model}"
+    if args.revision:
+        model += f"@{args.revision}"
+    return model + (f" (variant {args.variant})" if args.variant else "")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--coco-images", help="the folder of the COCO images (e.g. val2014/)")
     src.add_argument("--coco-seed", type=int, default=0, help="seed of the random subset of COCO images")
     src.add_argument("--dataset", help="a datasets Hub id or a local imagefolder (images + metadata.jsonl)")
-    src.add_argument("--dataset-split", default="validation")
+    src.add_argument(
+        "--dataset-split", default=None, help="default: train for a local folder, validation for a Hub id"
+    )
     src.add_argument("--caption-column", default=None, help="default: caption/text/prompt/captions/sentences")
     src.add_argument("--image-column", default="image", help="'none' for captions only")
     src.add_argument("--captions-file", help="one caption per line (captions only: give --reference-dir for FID)")

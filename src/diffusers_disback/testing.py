@@ -229,8 +229,6 @@ class TinyFeatureExtractor(torch.nn.Module):
     published ones.
     """
 
-    name = "testing: tiny random conv features (not comparable)"
-
     def __init__(self, dim: int = 16, seed: int = 0):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
@@ -240,6 +238,7 @@ class TinyFeatureExtractor(torch.nn.Module):
             for p in self.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
         self.requires_grad_(False).eval()
+        self.name = f"testing: tiny random conv features, dim {dim}, seed {seed} (not comparable)"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.tanh(self.conv1(x / 127.5 - 1.0))

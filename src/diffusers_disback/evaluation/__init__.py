@@ -12,7 +12,17 @@ pipeline (one-step, few-step, or the teacher).
 """
 
 from .data import CaptionSet, image_folder
-from .evaluate import METRICS, ReferenceImages, evaluate, fid_against, library_versions, load_pipeline, sample_grid
+from .evaluate import (
+    METRICS,
+    ReferenceImages,
+    evaluate,
+    fid_against,
+    fid_transform_name,
+    library_versions,
+    load_pipeline,
+    reference_stats_key,
+    sample_grid,
+)
 from .generation import generate_images, missing_indices
 from .metrics import (
     ClipScorer,
@@ -22,6 +32,7 @@ from .metrics import (
     clean_resizer,
     clip_transform,
     compute_features,
+    extractor_id,
     feature_statistics,
     fid_transform,
     frechet_distance,
@@ -44,9 +55,11 @@ __all__ = [
     "clip_transform",
     "compute_features",
     "evaluate",
+    "extractor_id",
     "feature_statistics",
     "fid_against",
     "fid_transform",
+    "fid_transform_name",
     "frechet_distance",
     "generate_images",
     "get_protocol",
@@ -56,5 +69,6 @@ __all__ = [
     "load_pipeline",
     "missing_indices",
     "patch_fid_transform",
+    "reference_stats_key",
     "sample_grid",
 ]

@@ -114,10 +114,11 @@ class CaptionSet:
                 with Image.open(p) as im:
                     yield im.convert("RGB")
 
+        files_key = [(p, os.path.getsize(p)) for p in paths]  # a resized copy of the images is another reference set
         return cls(
             [first[i][1] for i in ids],
             source=f"coco:{annotations}",
-            fingerprint=_sha("coco", digest, seed, ids),
+            fingerprint=_sha("coco", digest, seed, ids, os.path.abspath(images_dir), files_key),
             image_loader=load,
         )
 
@@ -125,7 +126,7 @@ class CaptionSet:
     def from_dataset(
         cls,
         name: str,
-        split: str = "validation",
+        split: str | None = None,
         num: int | None = None,
         caption_column: str | None = None,
         image_column: str | None = "image",
@@ -135,11 +136,14 @@ class CaptionSet:
         The first `num` rows of a `datasets` dataset, streamed: a Hub id, or a local folder (`imagefolder` layout:
         images and a `metadata.jsonl` with `file_name` and a caption column). `caption_column` defaults to the first
         of caption/text/prompt/captions/sentences that exists; a list of captions gives its first. With
-        `image_column=None` only captions are read.
+        `image_column=None` only captions are read. `split` defaults to "train" for a local folder (the only split
+        an imagefolder has) and "validation" for a Hub id.
         """
         import datasets
 
         local = os.path.isdir(name)
+        if split is None:  # a local imagefolder has one split, "train"; COCO on the Hub is usually "validation"
+            split = "train" if local else "validation"
         if local:
             ds = datasets.load_dataset("imagefolder", data_dir=name, split=split, streaming=True)
         else:
@@ -193,7 +197,8 @@ def image_folder(path: str, num: int | None = None) -> tuple[str, Callable[[], I
             with Image.open(os.path.join(path, f)) as im:
                 yield im.convert("RGB")
 
-    digest = _sha("folder", *((f, os.path.getsize(os.path.join(path, f))) for f in files))
+    stats = (os.stat(os.path.join(path, f)) for f in files)
+    digest = _sha("folder", os.path.abspath(path), *((f, st.st_size, st.st_mtime_ns) for f, st in zip(files, stats)))
     return digest, load, len(files)
 
 

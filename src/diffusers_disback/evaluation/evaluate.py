@@ -20,6 +20,7 @@ from .metrics import (
     FeatureExtractor,
     ReferenceStatistics,
     compute_features,
+    extractor_id,
     feature_statistics,
     fid_transform,
     frechet_distance,
@@ -41,8 +42,13 @@ class ReferenceImages:
         self.fingerprint, self.loader, self.count, self.source = fingerprint, loader, count, source
 
     @classmethod
-    def from_caption_set(cls, captions: CaptionSet) -> ReferenceImages:
-        return cls(captions.fingerprint, captions.images, len(captions), captions.source)
+    def from_caption_set(cls, captions: CaptionSet, num: int | None = None) -> ReferenceImages:
+        """The images of the first `num` captions (all by default): the references of exactly the prompts used."""
+        import itertools
+
+        num = len(captions) if num is None else min(num, len(captions))
+        fingerprint = captions.fingerprint if num == len(captions) else f"{captions.fingerprint}[:{num}]"
+        return cls(fingerprint, lambda: itertools.islice(captions.images(), num), num, captions.source)
 
     @classmethod
     def from_folder(cls, path: str, num: int | None = None) -> ReferenceImages:
@@ -87,9 +93,9 @@ def library_versions() -> dict:
 
 
 def _generated_images(images_dir: str, count: int) -> Iterator[Image.Image]:
+    """The generated images, opened lazily: pixels are decoded (and the file closed) where they are first used."""
     for i in range(count):
-        with Image.open(image_path(images_dir, i)) as im:
-            yield im.convert("RGB")
+        yield Image.open(image_path(images_dir, i))
 
 
 def sample_grid(images_dir: str, count: int, columns: int = 4, size: int = 256, max_images: int = 16) -> Image.Image:
@@ -100,6 +106,15 @@ def sample_grid(images_dir: str, count: int, columns: int = 4, size: int = 256, 
     for i, im in zip(range(n), _generated_images(images_dir, n)):
         grid.paste(im.resize((size, size), Image.LANCZOS), ((i % columns) * size, (i // columns) * size))
     return grid
+
+
+def fid_transform_name(resolution: int | None) -> str:
+    return f"square-crop+lanczos{resolution}"
+
+
+def reference_stats_key(fingerprint: str, transform_name: str, extractor_name: str) -> str:
+    """The cache key of a reference set's statistics: the set, the transform and the feature network."""
+    return hashlib.sha256(f"{fingerprint}|{transform_name}|{extractor_name}".encode()).hexdigest()[:32]
 
 
 def fid_against(
@@ -162,7 +177,9 @@ def evaluate(
         )
     prompts = captions.captions[: protocol.num_prompts]
     if reference is None and captions.has_images:
-        reference = ReferenceImages.from_caption_set(captions)
+        reference = ReferenceImages.from_caption_set(captions, protocol.num_prompts)
+    if not metrics:
+        raise ValueError("no metric left to compute (check --metrics, --no-patch-fid and --clip-model)")
     if any(m in metrics for m in ("fid", "patch_fid")) and reference is None:
         raise ValueError(
             f"FID needs reference images, and {captions.source} has captions only: pass a reference folder or a "
@@ -193,21 +210,19 @@ def evaluate(
     details: dict = {}
     if any(m in metrics for m in ("fid", "patch_fid")):
         extractor = feature_extractor if feature_extractor is not None else inception_feature_extractor(device)
-        extractor_name = getattr(extractor, "name", type(extractor).__name__)
+        extractor_name = extractor_id(extractor)
         cache = stats_cache or os.path.join(
             os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")),
             "diffusers_disback",
             "fid_stats",
         )
         for metric, transform, transform_name in (
-            ("fid", fid_transform(protocol.fid_resolution), f"square-crop+lanczos{protocol.fid_resolution}"),
+            ("fid", fid_transform(protocol.fid_resolution), fid_transform_name(protocol.fid_resolution)),
             ("patch_fid", patch_fid_transform(299), "center-crop299"),
         ):
             if metric not in metrics:
                 continue
-            key = hashlib.sha256(f"{reference.fingerprint}|{transform_name}|{extractor_name}".encode()).hexdigest()[
-                :32
-            ]
+            key = reference_stats_key(reference.fingerprint, transform_name, extractor_name)
             stats, cached = ReferenceStatistics.get_or_compute(
                 cache,
                 key,

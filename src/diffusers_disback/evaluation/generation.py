@@ -36,7 +36,8 @@ def _check_settings(images_dir: str, settings: dict, is_main: bool):
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             previous = json.load(f)
-        changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
+        keys = list(settings) + [k for k in previous if k not in settings]  # a dropped setting is a change too
+        changed = {k: (previous.get(k), settings.get(k)) for k in keys if previous.get(k) != settings.get(k)}
         if changed:
             detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
             raise ValueError(
@@ -72,8 +73,13 @@ def generate_images(
     from tqdm.auto import tqdm
 
     state = PartialState()
+    scheduler = getattr(pipeline, "scheduler", None)
     settings = {
         "model": model_id,
+        "pipeline": type(pipeline).__name__,
+        "dtype": str(getattr(pipeline, "dtype", None)),
+        "scheduler": type(scheduler).__name__ if scheduler is not None else None,
+        "scheduler_config": dict(scheduler.config) if scheduler is not None else None,
         "count": len(captions),
         "seed": seed,
         "seed_rule": "image i: torch.Generator('cpu').manual_seed(seed + i)",
@@ -83,11 +89,16 @@ def generate_images(
         "captions_sha256": _captions_digest(captions),
         **{k: v for k, v in pipeline_kwargs.items() if isinstance(v, (int, float, str, bool, type(None)))},
     }
+    settings = json.loads(json.dumps(settings, default=str))  # as it will read back from the file
     os.makedirs(images_dir, exist_ok=True)
     _check_settings(images_dir, settings, state.is_main_process)
-    todo = missing_indices(images_dir, len(captions))
+    # the main process lists what is missing and tells the others (nodes may see a shared folder differently)
+    todo = missing_indices(images_dir, len(captions)) if state.is_main_process else None
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        todo = broadcast_object_list([todo], from_process=0)[0]
     skipped = len(captions) - len(todo)
-    state.wait_for_everyone()  # every process has listed the same missing images before any writes
     # PNG encoding of a 1024² image costs ~0.2 s of CPU, about what one SDXL step costs on an H200; PIL releases the
     # GIL while encoding, so writer threads overlap it with the next batch's generation
     writers = writer_threads or min(8, os.cpu_count() or 1)

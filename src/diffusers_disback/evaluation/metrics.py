@@ -115,31 +115,43 @@ def compute_features(
     progress: bool = False,
     description: str = "features",
     total: int | None = None,
+    workers: int | None = None,
 ) -> np.ndarray:
     """
     Features of `images` as clean-fid computes them: uint8 RGB → `transform` → clean resize to 299² (float32,
     [0, 255]) → `extractor` in batches. Returns `[N, D]` in the extractor's dtype (float32 for Inception).
+
+    Decoding, cropping and resizing run on `workers` threads (default: up to 8; PIL releases the GIL there), one
+    batch at a time, so memory holds one batch; the order of the images is kept.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     resize = clean_resizer()
-    feats, batch = [], []
 
-    def flush():
-        # NCHW contiguous, as clean-fid's ToTensor gives it (a channels-last view would change the conv's arithmetic)
-        x = torch.from_numpy(np.ascontiguousarray(np.stack(batch).transpose(0, 3, 1, 2))).to(device)
-        feats.append(extractor(x).detach().cpu().numpy())  # as clean-fid: statistics of the extractor's dtype
-        batch.clear()
-
-    for image in tqdm(images, desc=description, total=total, disable=not progress):
+    def prepare(image) -> np.ndarray:
         arr = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
         if transform is not None:
             arr = transform(arr)
-        batch.append(resize(arr).astype(np.float32))
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+        return resize(arr).astype(np.float32)
+
+    feats, chunk = [], []
+
+    def flush(pool):
+        batch = np.stack(list(pool.map(prepare, chunk)))
+        chunk.clear()
+        # NCHW contiguous, as clean-fid's ToTensor gives it (a channels-last view would change the conv's arithmetic)
+        x = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))).to(device)
+        feats.append(extractor(x).detach().cpu().numpy())  # as clean-fid: statistics of the extractor's dtype
+
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        for image in tqdm(images, desc=description, total=total, disable=not progress):
+            chunk.append(image)
+            if len(chunk) == batch_size:
+                flush(pool)
+        if chunk:
+            flush(pool)
     if not feats:
         raise ValueError(f"no images to compute {description} from")
     return np.concatenate(feats)
@@ -167,15 +179,42 @@ def frechet_distance(
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"feature sizes differ: {mu1.shape} vs {mu2.shape} (different feature extractors?)")
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+    # the same square root clean-fid takes (it passes disp=False, which SciPy 1.18 removes; the value is the same)
+    covmean = _sqrtm(linalg, sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+        covmean = _sqrtm(linalg, (sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"the covariance product has a large imaginary part ({np.abs(covmean.imag).max():.3g})")
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def _sqrtm(linalg, matrix: np.ndarray) -> np.ndarray:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "matrix is singular": handled by the caller's eps retry
+        out = linalg.sqrtm(matrix)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def extractor_id(extractor: FeatureExtractor) -> str:
+    """
+    What identifies a feature network in cache keys: its `name` plus, for a module, a hash of its weights (so two
+    networks of one class never share reference statistics).
+    """
+    import hashlib
+
+    name = getattr(extractor, "name", None) or type(extractor).__name__
+    if isinstance(extractor, torch.nn.Module):
+        h = hashlib.sha256()
+        for key, tensor in sorted(extractor.state_dict().items()):
+            h.update(key.encode())
+            h.update(tensor.detach().float().cpu().numpy().tobytes())
+        name = f"{name} [{h.hexdigest()[:16]}]"
+    return name
 
 
 # ---------------------------------------------------------------------------------------------- reference cache
@@ -267,7 +306,15 @@ class ClipScorer:
         self.encode_image, self.encode_text = encode_image, encode_text
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.prefix, self.resolution, self.device, self.name = prefix, resolution, device, name
+        self.model: torch.nn.Module | None = None  # set by from_open_clip; lets `to` move it
         self._resize = clip_transform(resolution)
+
+    def to(self, device: str | torch.device) -> ClipScorer:
+        """Moves the CLIP model (when this scorer holds one) and the inputs to `device`."""
+        if self.model is not None:
+            self.model.to(device)
+        self.device = device
+        return self
 
     @classmethod
     def from_open_clip(
@@ -286,7 +333,7 @@ class ClipScorer:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
         model = model.to(device).float().eval()
         tokenizer = open_clip.get_tokenizer(model_name)
-        return cls(
+        scorer = cls(
             model.encode_image,
             model.encode_text,
             preprocess,
@@ -296,6 +343,8 @@ class ClipScorer:
             device,
             name=f"open_clip {model_name} {pretrained}",
         )
+        scorer.model = model
+        return scorer
 
     def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
         """Tokens of `prefix + caption`, truncated to the model's context with the end token kept last."""
