@@ -85,6 +85,7 @@ def _evaluate(args) -> int:
 
     import torch
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from .evaluation import CaptionSet, ReferenceImages, evaluate, get_protocol, load_pipeline
 
@@ -126,7 +127,7 @@ def _evaluate(args) -> int:
 
     # under `accelerate launch --cpu` (ACCELERATE_USE_CPU) the process group is CPU; PartialState is a singleton, so
     # this first call decides for the generation and evaluation code too
-    state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     device = torch.device(args.device) if args.device else state.device
     pipe = load_pipeline(args.model, args.checkpoint, _dtype(args.dtype), args.revision, args.variant).to(device)
     pipe.set_progress_bar_config(disable=True)

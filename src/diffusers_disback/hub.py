@@ -26,6 +26,8 @@ import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 
+from ._io import atomic_write
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -247,9 +249,7 @@ def write_fp16_variant(folder: str | os.PathLike) -> list[str]:
             state = load_file(os.path.join(root, name))
             state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
             target = os.path.join(root, f"{stem}.fp16.safetensors")
-            tmp = target + ".tmp"
-            save_file(state, tmp, metadata={"format": "pt"})
-            os.replace(tmp, target)
+            atomic_write(target, lambda tmp, state=state: save_file(state, tmp, metadata={"format": "pt"}))
             written.append(target)
     return written
 

@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
+from .._io import atomic_write, atomic_write_text
+
 MANIFEST_NAME = "path_manifest.json"
 FORMAT_VERSION = 1
 NODE_KINDS = ("full", "lora")
@@ -121,9 +123,7 @@ class DegradationPath:
         index = len(self.nodes)
         file = f"node_{index:03d}.safetensors"
         target = os.path.join(self.directory, file)
-        tmp = target + ".tmp"
-        save_file(state, tmp)  # no metadata: safetensors orders it differently per process, and the manifest has it
-        os.replace(tmp, target)
+        atomic_write(target, lambda tmp: save_file(state, tmp))  # no metadata: its order differs per process
         node = PathNode(index, int(step), self.kind, file, _sha256(target), os.path.getsize(target))
         self.nodes.append(node)
         self._write_manifest()
@@ -153,12 +153,7 @@ class DegradationPath:
             "lora_config": self.lora_config,
             "nodes": [asdict(n) for n in self.nodes],
         }
-        target = os.path.join(self.directory, MANIFEST_NAME)
-        tmp = target + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, target)
+        atomic_write_text(os.path.join(self.directory, MANIFEST_NAME), json.dumps(manifest, indent=2) + "\n")
 
     # ------------------------------------------------------------------------------------------------ reading
 

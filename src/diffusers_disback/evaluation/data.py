@@ -197,9 +197,7 @@ def image_folder(path: str, num: int | None = None) -> tuple[str, Callable[[], I
             with Image.open(os.path.join(path, f)) as im:
                 yield im.convert("RGB")
 
-    stats = (os.stat(os.path.join(path, f)) for f in files)
-    digest = _sha("folder", os.path.abspath(path), *((f, st.st_size, st.st_mtime_ns) for f, st in zip(files, stats)))
-    return digest, load, len(files)
+    return _folder_digest(path, files), load, len(files)
 
 
 def _dataset_commit(name: str, revision: str | None) -> str:
@@ -212,8 +210,12 @@ def _dataset_commit(name: str, revision: str | None) -> str:
         return revision or "main"
 
 
-def _folder_digest(path: str) -> str:
-    return _sha(*sorted((f, os.path.getsize(os.path.join(r, f))) for r, _, fs in os.walk(path) for f in fs))
+def _folder_digest(path: str, files: list[str] | None = None) -> str:
+    """Path, names, sizes and modification times of `files` under `path` (default: every file there)."""
+    if files is None:
+        files = sorted(os.path.relpath(os.path.join(r, f), path) for r, _, fs in os.walk(path) for f in fs)
+    stats = (os.stat(os.path.join(path, f)) for f in files)
+    return _sha("folder", os.path.abspath(path), *((f, st.st_size, st.st_mtime_ns) for f, st in zip(files, stats)))
 
 
 def _caption(value) -> str:

@@ -10,11 +10,12 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
+from huggingface_hub import constants as hf_constants
 from PIL import Image
 
+from .._io import atomic_write, atomic_write_text
 from .data import CaptionSet
 from .generation import generate_images, image_path
-from .io import atomic_write, atomic_write_text
 from .metrics import (
     ClipScorer,
     FeatureExtractor,
@@ -211,11 +212,7 @@ def evaluate(
     if any(m in metrics for m in ("fid", "patch_fid")):
         extractor = feature_extractor if feature_extractor is not None else inception_feature_extractor(device)
         extractor_name = extractor_id(extractor)
-        cache = stats_cache or os.path.join(
-            os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")),
-            "diffusers_disback",
-            "fid_stats",
-        )
+        cache = stats_cache or os.path.join(hf_constants.HF_HOME, "diffusers_disback", "fid_stats")
         for metric, transform, transform_name in (
             ("fid", fid_transform(protocol.fid_resolution), fid_transform_name(protocol.fid_resolution)),
             ("patch_fid", patch_fid_transform(299), "center-crop299"),

@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .io import atomic_write, atomic_write_text
+from .._io import atomic_write, atomic_write_text
+from .data import _sha
 
 SETTINGS_FILE = "generation.json"
 
@@ -86,7 +87,7 @@ def generate_images(
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
         "resolution": resolution,
-        "captions_sha256": _captions_digest(captions),
+        "captions_sha256": _sha(*captions),
         **{k: v for k, v in pipeline_kwargs.items() if isinstance(v, (int, float, str, bool, type(None)))},
     }
     settings = json.loads(json.dumps(settings, default=str))  # as it will read back from the file
@@ -126,13 +127,3 @@ def generate_images(
         generated = len(mine)
     state.wait_for_everyone()
     return {"generated": generated, "skipped": skipped if state.is_main_process else 0}
-
-
-def _captions_digest(captions: Sequence[str]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for c in captions:
-        h.update(c.encode())
-        h.update(b"\n")
-    return h.hexdigest()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .io import atomic_write
+from .._io import atomic_write
 
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -371,19 +371,23 @@ class ClipScorer:
         """Mean cosine similarity over all (image, caption) pairs."""
         from tqdm.auto import tqdm
 
-        sims, batch = [], []
+        sims, batch, done = [], [], 0
         captions = list(captions)
-        for i, image in enumerate(tqdm(images, desc="CLIP score", total=len(captions), disable=not progress)):
+
+        def flush():
+            nonlocal done
+            sims.append(self.similarities(batch, captions[done : done + len(batch)]))
+            done += len(batch)
+            batch.clear()
+
+        for image in tqdm(images, desc="CLIP score", total=len(captions), disable=not progress):
             batch.append(image)
             if len(batch) == batch_size:
-                sims.append(self.similarities(batch, captions[i + 1 - len(batch) : i + 1]))
-                batch = []
+                flush()
         if batch:
-            n = sum(len(s) for s in sims)
-            sims.append(self.similarities(batch, captions[n : n + len(batch)]))
+            flush()
         if not sims:
             raise ValueError("no images to score")
-        total = torch.cat(sims)
-        if len(total) != len(captions):
-            raise ValueError(f"{len(total)} images were scored against {len(captions)} captions")
-        return float(total.mean())
+        if done != len(captions):
+            raise ValueError(f"{done} images were scored against {len(captions)} captions")
+        return float(torch.cat(sims).mean())

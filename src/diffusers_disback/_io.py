@@ -1,4 +1,8 @@
-"""Atomic writes: a file appears whole under its name or not at all (an interrupted run leaves no half image)."""
+"""Atomic writes: a file appears whole under its name or not at all (a crash or a full disk leaves no half file).
+
+`pipeline_disback.py` keeps its own small writer: it is uploaded to the Hub as remote code and imports nothing
+from this package but the scheduler.
+"""
 
 from __future__ import annotations
 
