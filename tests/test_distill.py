@@ -175,14 +175,23 @@ def test_adaptive_rule_advances_when_caught_up():
     s = BacktrackingSchedule(num_nodes=3, interval=1000, rule="adaptive", threshold=0.5, min_interval=2, ema=0.0)
     assert not s.step(distance=1.0)  # reference distance 1.0
     assert not s.step(distance=0.8)
-    assert s.step(distance=0.4)  # below half of the reference after >= 2 updates
-    assert s.target_node == 0 and s.updates == 3
+    assert s.step(distance=0.4)  # below half of the reference after >= 2 steps
+    assert s.target_node == 0 and s.steps == 3
     capped = BacktrackingSchedule(num_nodes=3, interval=5, rule="adaptive", ema=0.0)
     for _ in range(5):
         capped.step(distance=1.0)  # never catches up: the interval still bounds the time on a node
     assert capped.target_node == 0
-    with pytest.raises(ValueError, match="distance"):
-        BacktrackingSchedule(num_nodes=3, rule="adaptive").step()
+    # iterations without a generator update carry no distance: they count toward the interval and nothing else
+    sparse = BacktrackingSchedule(num_nodes=3, interval=1000, rule="adaptive", threshold=0.5, min_interval=4, ema=0.0)
+    moved = [sparse.step(distance=d) for d in (1.0, None, None, 0.4)]
+    assert moved == [False, False, False, True] and sparse.steps == 4
+    assert not BacktrackingSchedule(num_nodes=3, interval=3, rule="adaptive").step()  # no signal yet: no advance
+
+
+def test_schedule_refuses_a_checkpoint_that_counted_generator_updates():
+    old = {"num_nodes": 3, "rule": "fixed", "updates": 10, "target": 2, "updates_on_target": 0}
+    with pytest.raises(ValueError, match="counted generator updates"):
+        BacktrackingSchedule(num_nodes=3).load_state_dict({**old, "reference_distance": None})
 
 
 # -------------------------------------------------------------------------------------------------- paths

@@ -19,10 +19,12 @@ from diffusers_disback.testing import save_tiny_teacher
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "train_disback", "train_disback_sdxl.py")
 PROMPTS = os.path.join(ROOT, "examples", "train_disback", "data", "demo_prompts.txt")
+# r = 2 with K2 = 2 iterations and a 4-iteration warm-up tell iterations from generator updates; t_c = 499 is not the
+# scheduler's default, so the saved pipeline must carry it
 TINY = [
     "--resolution", "64", "--degradation_steps", "4", "--path_interval", "2", "--max_train_steps", "6",
-    "--fake_score_update_ratio", "2", "--backtrack_interval", "1", "--checkpointing_steps", "2",
-    "--validation_steps", "3", "--learning_rate", "1e-4", "--lr_warmup_steps", "0",
+    "--fake_score_update_ratio", "2", "--backtrack_interval", "2", "--checkpointing_steps", "2",
+    "--validation_steps", "3", "--learning_rate", "1e-4", "--lr_warmup_steps", "4", "--conditioning_timestep", "499",
     "--train_batch_size", "2", "--train_data_files", PROMPTS, "--shuffle_buffer", "4",
 ]  # fmt: skip
 
@@ -53,6 +55,15 @@ def uninterrupted(teacher, tmp_path_factory):
     return out, proc
 
 
+def _scalars(out, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [os.path.join(r, f) for r, _, fs in os.walk(out / "logs") for f in fs if f.startswith("events")]
+    acc = EventAccumulator(events[0])
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
 def test_both_stages_end_to_end(uninterrupted):
     out, proc = uninterrupted
     path = DegradationPath.load(out / "path")
@@ -64,10 +75,21 @@ def test_both_stages_end_to_end(uninterrupted):
     pipe = DisBackPipeline.from_pretrained(out / "final")
     image = pipe("a cat", generator=torch.Generator().manual_seed(0), output_type="np").images
     assert image.shape == (1, 64, 64, 3)
+    # the saved pipeline samples at the timestep the generator was trained at, not the scheduler's default 399
+    assert pipe.scheduler.config.conditioning_timestep == 499
+    pipe.scheduler.set_timesteps(1)
+    assert pipe.scheduler.timesteps.tolist() == [499]
     card = (out / "final" / "README.md").read_text()
     assert "| path_nodes | 2 |" in card and "| generator_updates | 3 |" in card
     assert (out / "validation" / "step-00000007.png").is_file()  # stage-2 step 3 = global step 7
     assert any(f.startswith("events.out.tfevents") for _, _, files in os.walk(out / "logs") for f in files)
+    # K2 and the generator's warm-up count stage-2 iterations, as the reference does. Generator updates come at
+    # iterations 2, 4, 6 (global steps 6, 8, 10): the target is P1 for iterations 1-2 and the teacher (P0) from
+    # iteration 3 on (counted in generator updates: P1, P1, P0); the LR after 1, 3, 5 warm-up iterations of 4 is
+    # 1/4, 3/4, 1 of 1e-4 (counted in generator updates: 0, 1/4, 2/4)
+    assert _scalars(out, "backtracking/target_node") == [(6, 1.0), (8, 0.0), (10, 0.0)]
+    lrs = _scalars(out, "backtracking/lr")
+    assert [s for s, _ in lrs] == [6, 8, 10] and [v for _, v in lrs] == pytest.approx([0.25e-4, 0.75e-4, 1e-4])
     # the blank line in the prompt file was counted and skipped, not trained on
     assert json.loads((out / "checkpoints" / "checkpoint-10" / "data_0.json").read_text())["skipped"] >= 1
 
@@ -214,6 +236,8 @@ def test_gan_term_with_real_images(teacher, tmp_path):
             real / f"{i}.png"
         )
     (real / "broken.png").write_bytes(b"not a png")
+    captions = [{"file_name": f"{i}.png", "text": f"a photo of noise {i}"} for i in range(4)]
+    (real / "metadata.jsonl").write_text("\n".join(json.dumps(c) for c in captions + [{"file_name": "broken.png"}]))
     out = tmp_path / "gan"
     proc = _run(_cmd(teacher, out, "--gan_loss_weight", "5e-3", "--real_data_dir", str(real)))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -227,8 +251,6 @@ def test_gan_term_with_real_images(teacher, tmp_path):
 
 
 def test_in_training_evaluation_logs_fid_and_clip(teacher, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from diffusers_disback.testing import write_tiny_caption_set
 
     data = write_tiny_caption_set(str(tmp_path / "eval_set"), num=8, size=(96, 80))
@@ -239,11 +261,8 @@ def test_in_training_evaluation_logs_fid_and_clip(teacher, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("evaluation at step") == 2
     assert len(os.listdir(out / "eval")) == 1  # the reference statistics, computed once
-    events = [os.path.join(r, f) for r, _, fs in os.walk(out / "logs") for f in fs if f.startswith("events")]
-    acc = EventAccumulator(events[0])
-    acc.Reload()
-    fids = [e.value for e in acc.Scalars("eval/fid")]
-    clips = [e.value for e in acc.Scalars("eval/clip_score")]
+    fids = [v for _, v in _scalars(out, "eval/fid")]
+    clips = [v for _, v in _scalars(out, "eval/clip_score")]
     assert len(fids) == 2 and all(f > 0 for f in fids) and all(-1 <= c <= 1 for c in clips)
 
     no_data = _run(_cmd(teacher, tmp_path / "bad", "--eval_steps", "2"))

@@ -162,17 +162,25 @@ def test_nan_policy():
     assert script.Run.finite_or_skip(run, torch.tensor(float("inf")), "fake-score DSM") is False
 
 
-def _image_folder(tmp_path, n=5, corrupt=True):
+def _image_folder(tmp_path, n=5, corrupt=True, captions=True):
+    import json
+
     from PIL import Image
 
     folder = tmp_path / "real"
     folder.mkdir()
     g = torch.Generator().manual_seed(0)
+    names = []
     for i in range(n):
         pixels = torch.randint(0, 256, (72, 80, 3), generator=g, dtype=torch.uint8).numpy()
         Image.fromarray(pixels).save(folder / f"img_{i}.png")
+        names.append(f"img_{i}.png")
     if corrupt:
         (folder / "broken.png").write_bytes(b"not a png")
+        names.append("broken.png")
+    if captions:  # an image folder's captions: the `text` field of metadata.jsonl
+        lines = [json.dumps({"file_name": name, "text": f"a photo of image {name[4:-4]}"}) for name in names]
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
 
 
@@ -181,10 +189,40 @@ def test_image_stream_crops_scales_and_skips_unreadable(tmp_path):
 
     stream = ImageStream(64, data_dir=str(_image_folder(tmp_path)), shuffle_buffer=0)
     items = stream.take(7)
-    assert all(x.shape == (3, 64, 64) and x.min() >= -1 and x.max() <= 1 and caption == "" for x, caption in items)
+    assert all(x.shape == (3, 64, 64) and x.min() >= -1 and x.max() <= 1 for x, _ in items)
+    assert [caption for _, caption in items[:5]] == [f"a photo of image {i}" for i in range(5)]
     assert stream.skipped >= 1  # the broken file, every epoch
     with pytest.raises(ValueError, match="exactly one"):
         ImageStream(64)
+
+
+def test_real_images_are_encoded_with_their_own_captions(tmp_path, caplog):
+    """The GAN term's real images carry their captions by default, as the fakes carry their prompts (DMD2 pairs real
+    latents with their captions); a dataset without the caption column is an error unless the empty prompt is asked
+    for, which is warned about."""
+    script = _script()
+    base = ["--pretrained_teacher_model", "unused", "--train_data_files", "p.txt", "--gan_loss_weight", "5e-3"]
+    captioned = _image_folder(tmp_path, corrupt=False)
+    args = script.parse_args([*base, "--real_data_dir", str(captioned), "--resolution", "64", "--shuffle_buffer", "0"])
+    assert args.real_caption_column == "text"
+    assert [caption for _, caption in script.real_image_stream(args).take(5)] == [
+        f"a photo of image {i}" for i in range(5)
+    ]
+
+    (tmp_path / "bare").mkdir()
+    bare = _image_folder(tmp_path / "bare", corrupt=False, captions=False)
+    args = script.parse_args([*base, "--real_data_dir", str(bare), "--resolution", "64"])
+    with pytest.raises(
+        ValueError, match=r"no caption column 'text'; its columns are \['image'\].*--real_caption_column"
+    ):
+        script.real_image_stream(args)
+    args = script.parse_args(
+        [*base, "--real_data_dir", str(bare), "--resolution", "64", "--real_caption_column", "none"]
+    )
+    with caplog.at_level("WARNING"):
+        stream = script.real_image_stream(args)
+    assert "discriminator can tell them apart by the text alone" in caplog.text
+    assert {caption for _, caption in stream.take(5)} == {""}
 
 
 def test_failed_checkpoint_write_stops_the_run_and_keeps_the_last_good_one(tmp_path):
@@ -238,3 +276,51 @@ def test_prepared_dataset_reshuffles_per_epoch_and_resumes(tmp_path):
     resumed = PromptStream(data_files=files, streaming=False, shuffle_buffer=1, seed=5)
     resumed.load_state_dict(first.state_dict())
     assert head + resumed.take(18) == full
+
+
+# ------------------------------------------------------------------ precision of what trains (bf16 mixed precision)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_trainable_weights_are_fp32_masters_and_move_at_the_sdxl_learning_rate(lora):
+    """Under bf16 mixed precision the frozen base is bf16 but every trained weight is fp32, so AdamW steps of lr 5e-7
+    change it (peft makes an adapter in its base layer's dtype; bf16 weights of size ~0.1 would round such steps
+    away)."""
+    import types
+
+    from diffusers_disback.distill import NoiseSchedule, Score, denoising_score_matching_loss
+    from diffusers_disback.testing import get_tiny_unet
+
+    script = _script()
+    unet = get_tiny_unet().to(torch.bfloat16 if not lora else torch.float32)  # full: even a bf16 copy gets fp32
+    config = script.lora_config(4) if lora else None
+    params = script.make_trainable(unet, config, torch.bfloat16, "generator")
+    assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    trained = {id(p) for p in params}
+    frozen = [p for p in unet.parameters() if id(p) not in trained]
+    if lora:
+        assert len(params) == 2 * sum("lora_A" in n for n, _ in unet.named_parameters())
+        assert frozen and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen)  # the base stays bf16
+
+    args = types.SimpleNamespace(
+        use_8bit_adam=False, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.01, adam_epsilon=1e-8
+    )
+    optimizer = script.make_optimizer(args, params, 5e-7)
+    named = {n: p for n, p in unet.named_parameters() if id(p) in trained}
+    watch = {n: p.detach().clone() for n, p in named.items() if ("lora_A" in n if lora else n.endswith("to_q.weight"))}
+    score = Score(unet_eps_fn(unet), NoiseSchedule.ddpm())
+    cond = {
+        "prompt_embeds": torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(0)),
+        "text_embeds": torch.randn(2, 32, generator=torch.Generator().manual_seed(1)),
+        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]]).repeat(2, 1),
+    }
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    noise = torch.Generator().manual_seed(3)
+    for _ in range(5):  # lora_A has no gradient while B = 0: it moves from the second step on
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = denoising_score_matching_loss(score, x0, cond, generator=noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    changed = torch.cat([(named[n] != before).flatten() for n, before in watch.items()]).float().mean().item()
+    assert changed > 0.9, changed  # fp32: 0.97; bf16 adapters (the earlier code): 0.0002

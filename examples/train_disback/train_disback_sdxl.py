@@ -19,7 +19,6 @@ import copy
 import importlib.util
 import json
 import logging
-import math
 import os
 import shutil
 
@@ -29,12 +28,14 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from diffusers_disback import DisBackPipeline, DisBackScheduler, load_unet_checkpoint
 from diffusers_disback.distill import (
+    LORA_ADAPTER,
     BacktrackingSchedule,
     DegradationPath,
     NodeSwitcher,
@@ -80,7 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--pretrained_generator",
         default=None,
         help="initial generator: a UNet folder/repo (with or without unet/), or a raw checkpoint file "
-        "(e.g. DMD2's one-step UNet). Default: the teacher's UNet",
+        "(e.g. DMD2's one-step UNet; the released DisBack SDXL run starts from DMD2's step-24000 generator). "
+        "Default: the teacher's UNet, which DMD2's authors report does not reach a good one-step SDXL generator "
+        "without regression pre-training; a warning says so",
     )
     # stages and path
     p.add_argument("--stage", choices=["degradation", "backtracking", "all"], default="all")
@@ -97,7 +100,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--path_node_spacing", choices=["uniform", "log"], default="uniform")
     p.add_argument("--path_node_type", choices=["full", "lora"], default="full")
     p.add_argument("--path_lora_rank", type=int, default=64, help="rank of the degrading LoRA (--path_node_type lora)")
-    p.add_argument("--backtrack_interval", type=int, default=1000, help="K2: generator updates per node (paper: 1000)")
+    p.add_argument(
+        "--backtrack_interval",
+        type=int,
+        default=1000,
+        help="K2: stage-2 iterations per node, counted like the reference code (paper: 1000 iterations = 200 "
+        "generator updates at --fake_score_update_ratio 5)",
+    )
     p.add_argument("--backtrack_rule", choices=["fixed", "adaptive"], default="fixed")
     p.add_argument("--backtrack_threshold", type=float, default=0.5, help="adaptive rule: advance at this fraction")
     p.add_argument("--fake_score_init", choices=["last_node", "teacher"], default="last_node")
@@ -129,14 +138,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--real_dataset_name", default=None, help="GAN term: a Hub image dataset")
     p.add_argument("--real_data_dir", default=None, help="GAN term: a local image folder (imagefolder)")
     p.add_argument("--real_image_column", default="image")
-    p.add_argument("--real_caption_column", default=None, help="captions of the real images (default: none)")
+    p.add_argument(
+        "--real_caption_column",
+        default="text",
+        help="captions of the real images, which condition them as prompts condition the fakes (an image folder: "
+        "the `text` field of metadata.jsonl). 'none': the empty prompt for every real image (warned: the "
+        "discriminator can then tell real from fake by the text)",
+    )
     p.add_argument("--max_train_steps", type=int, default=5000, help="stage-2 iterations (fake-score updates)")
     # optimisation
     p.add_argument("--learning_rate", type=float, default=5e-7, help="generator (and default for the others)")
     p.add_argument("--fake_learning_rate", type=float, default=None, help="fake score (default: --learning_rate)")
     p.add_argument("--degradation_learning_rate", type=float, default=None, help="stage 1 (default: --learning_rate)")
     p.add_argument("--lr_scheduler", default="constant_with_warmup")
-    p.add_argument("--lr_warmup_steps", type=int, default=500)
+    p.add_argument(
+        "--lr_warmup_steps",
+        type=int,
+        default=500,
+        help="warm-up length in iterations of each stage's loop; the generator's schedule also advances on "
+        "iterations without a generator update, as in the reference code",
+    )
     p.add_argument("--adam_beta1", type=float, default=0.9)
     p.add_argument("--adam_beta2", type=float, default=0.999)
     p.add_argument("--adam_weight_decay", type=float, default=0.01)
@@ -231,6 +252,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in trackers:
         if name in ("tensorboard", "wandb") and importlib.util.find_spec(name) is None:
             p.error(f"--report_to {args.report_to} needs {name}: pip install {name} (or --report_to none)")
+    if args.real_caption_column and args.real_caption_column.lower() == "none":
+        args.real_caption_column = None
     args.path_dir = args.path_dir or os.path.join(args.output_dir, "path")
     args.fake_learning_rate = args.fake_learning_rate or args.learning_rate
     args.degradation_learning_rate = args.degradation_learning_rate or args.learning_rate
@@ -266,6 +289,12 @@ def load_initial_generator(args, teacher: UNet2DConditionModel) -> UNet2DConditi
     file or `owner/repo/file.bin` on the Hub)."""
     src = args.pretrained_generator
     if src is None:
+        logger.warning(
+            "the generator starts from the teacher's UNet (no --pretrained_generator). DMD2's authors report that a "
+            "one-step SDXL generator needs regression pre-training or a DMD2 start (the released DisBack SDXL run "
+            "starts from DMD2's one-step UNet); from the teacher, expect slow progress at SDXL scale.",
+            main_process_only=True,
+        )
         gen = teacher_unet_fp32(args)
     elif os.path.isfile(src) or src.endswith((".bin", ".pt", ".pth", ".ckpt", ".safetensors")):
         gen = load_unet_checkpoint(src, config=teacher.config)
@@ -311,22 +340,29 @@ def fake_update_with_gan(run: Run, fake, x0: torch.Tensor, cond: dict):
     return loss_dsm + run.args.gan_discriminator_weight * loss_d, loss_d
 
 
-def make_trainable(unet: UNet2DConditionModel, args, weight_dtype, adapter_name: str) -> list:
-    """
-    Full fine-tuning (fp32 master weights), or with `--lora_rank R` a LoRA adapter on the attention projections over a
-    frozen base in the mixed-precision dtype: the one-GPU mode. Returns the parameters to optimise.
-    """
-    if args.lora_rank:
-        from peft import LoraConfig
+def lora_config(rank: int):
+    """The LoRA of every adapter this script trains: the attention projections, `lora_alpha = r` (scaling 1)."""
+    from peft import LoraConfig
 
+    return LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS)
+
+
+def make_trainable(unet: UNet2DConditionModel, config, weight_dtype, adapter_name: str, gradient_checkpointing=False):
+    """
+    Full fine-tuning (`config=None`), or a LoRA adapter (`config`, see [`lora_config`]) over a frozen base held in the
+    mixed-precision dtype: the one-GPU mode. Returns the parameters to optimise, always fp32 master weights: peft
+    creates an adapter in its base layer's dtype, and AdamW steps of lr 5e-7 on bf16 weights of size ~0.1 round away
+    (docs/training.md, "Differences from the reference code").
+    """
+    if config is not None:
         unet.requires_grad_(False).to(weight_dtype)
-        config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, target_modules=LORA_TARGETS)
-        add_lora_adapter(unet, config, adapter_name=adapter_name)  # adapter weights in fp32, B = 0: starts at base
+        add_lora_adapter(unet, config, adapter_name=adapter_name)  # B = 0: starts at the base
         params = lora_parameters(unet, adapter_name)
     else:
         unet.requires_grad_(True)
         params = list(unet.parameters())
-    if args.gradient_checkpointing:
+    cast_training_params(unet, dtype=torch.float32)
+    if gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
     return params
@@ -347,6 +383,28 @@ def make_optimizer(args, params, lr):
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
+    )
+
+
+def real_image_stream(args, rank: int = 0, world_size: int = 1) -> ImageStream:
+    """The GAN term's real images, each with its caption from `--real_caption_column`, this process's share."""
+    return ImageStream(
+        args.resolution, dataset_name=args.real_dataset_name, data_dir=args.real_data_dir,
+        image_column=args.real_image_column, caption_column=args.real_caption_column,
+        streaming=not args.no_streaming, shuffle_buffer=args.shuffle_buffer, seed=args.seed,
+        rank=rank, world_size=world_size,
+    )  # fmt: skip
+
+
+def make_lr_scheduler(args, optimizer, num_iterations: int, num_processes: int):
+    """`--lr_scheduler` over `num_iterations` loop iterations with `--lr_warmup_steps` of warm-up, stepped once per
+    iteration. Counts are multiplied by the processes because a scheduler prepared by accelerate advances once per
+    process on each call (diffusers' convention)."""
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=num_iterations * num_processes,
     )
 
 
@@ -413,12 +471,7 @@ class Run:
         )
         self.real, self.vae = None, None
         if args.gan_loss_weight > 0:
-            self.real = ImageStream(
-                args.resolution, dataset_name=args.real_dataset_name, data_dir=args.real_data_dir,
-                image_column=args.real_image_column, caption_column=args.real_caption_column,
-                streaming=not args.no_streaming, shuffle_buffer=args.shuffle_buffer, seed=args.seed,
-                rank=acc.process_index, world_size=acc.num_processes,
-            )  # fmt: skip
+            self.real = real_image_stream(args, acc.process_index, acc.num_processes)
             self._load_vae()
         self.state = RunState()
         self.noise = torch.Generator().manual_seed(args.seed * 1000 + acc.process_index)
@@ -679,7 +732,7 @@ def save_image_grid(images: torch.Tensor, path: str):
     return grid
 
 
-def clip_and_step(accelerator, model, optimizer, lr_scheduler, max_grad_norm):
+def clip_and_step(accelerator, model, optimizer, max_grad_norm):
     if accelerator.sync_gradients and max_grad_norm > 0:
         if is_fsdp2_sharded(model):
             # accelerate's clip_grad_norm_ matches the parameters against each prepared model with `==`, which fails
@@ -690,7 +743,6 @@ def clip_and_step(accelerator, model, optimizer, lr_scheduler, max_grad_norm):
         else:
             accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
-    lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -702,26 +754,10 @@ def run_degradation(run: Run, resume: str | None):
     args, acc = run.args, run.accelerator
     generator = load_initial_generator(args, run.teacher).to(acc.device, run.weight_dtype).requires_grad_(False)
     degrading = teacher_unet_fp32(args)
-    lora_config = None
-    if args.path_node_type == "lora":
-        from peft import LoraConfig
-
-        lora_config = LoraConfig(r=args.path_lora_rank, lora_alpha=args.path_lora_rank, target_modules=LORA_TARGETS)
-        degrading.requires_grad_(False)
-        add_lora_adapter(degrading, lora_config)
-        params = lora_parameters(degrading)
-    else:
-        params = list(degrading.parameters())
-    if args.gradient_checkpointing:
-        degrading.enable_gradient_checkpointing()
-    degrading.train()
+    node_lora = lora_config(args.path_lora_rank) if args.path_node_type == "lora" else None
+    params = make_trainable(degrading, node_lora, run.weight_dtype, LORA_ADAPTER, args.gradient_checkpointing)
     optimizer = make_optimizer(args, params, args.degradation_learning_rate)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer,
-        num_warmup_steps=args.lr_warmup_steps * acc.num_processes,
-        num_training_steps=args.degradation_steps * acc.num_processes,
-    )
+    lr_scheduler = make_lr_scheduler(args, optimizer, args.degradation_steps, acc.num_processes)
     degrading, optimizer, lr_scheduler = acc.prepare(degrading, optimizer, lr_scheduler)
 
     if args.num_path_nodes:
@@ -749,9 +785,7 @@ def run_degradation(run: Run, resume: str | None):
                 "recorded before the checkpoint are gone. Restore the path folder or start stage 1 afresh."
             )
         else:
-            path = DegradationPath.create(
-                args.path_dir, run.teacher, kind=args.path_node_type, lora_config=lora_config
-            )
+            path = DegradationPath.create(args.path_dir, run.teacher, kind=args.path_node_type, lora_config=node_lora)
     score = Score(unet_eps_fn(degrading), run.noise_schedule)
     progress = tqdm(
         range(run.state.stage_step, args.degradation_steps),
@@ -768,9 +802,10 @@ def run_degradation(run: Run, resume: str | None):
             loss = denoising_score_matching_loss(score, x0, cond, generator=run.noise)  # Eq. 7
         if run.finite_or_skip(loss, "degradation DSM"):
             acc.backward(loss)
-            clip_and_step(acc, degrading, optimizer, lr_scheduler, args.max_grad_norm)
+            clip_and_step(acc, degrading, optimizer, args.max_grad_norm)
         else:
             optimizer.zero_grad(set_to_none=True)
+        lr_scheduler.step()  # the LR is a function of the iteration, skipped updates included
         run.state.stage_step += 1
         run.state.global_step += 1
         step = run.state.stage_step
@@ -818,36 +853,26 @@ def run_backtracking(run: Run, resume: str | None):
         rule=args.backtrack_rule,
         threshold=args.backtrack_threshold,
     )
-    params_g = make_trainable(generator, args, run.weight_dtype, "generator")
-    params_f = make_trainable(fake, args, run.weight_dtype, "fake_score")
+    adapter = lora_config(args.lora_rank) if args.lora_rank else None
+    params_g = make_trainable(generator, adapter, run.weight_dtype, "generator", args.gradient_checkpointing)
+    params_f = make_trainable(fake, adapter, run.weight_dtype, "fake_score", args.gradient_checkpointing)
     gan = args.gan_loss_weight > 0
     if gan:  # the discriminator head reads the fake score's mid-block features and trains with it
         fake = FakeScoreWithHead(fake)
         params_f = params_f + list(fake.head.parameters())
     r = args.fake_score_update_ratio
-    needed = (len(path) - 2) * args.backtrack_interval  # generator updates until the target is the teacher
-    if last > 0 and math.ceil(args.max_train_steps / r) <= needed:
+    needed = (len(path) - 2) * args.backtrack_interval  # iterations until the target is the teacher
+    if last > 0 and args.max_train_steps <= needed:
         logger.warning(
-            f"--max_train_steps {args.max_train_steps} gives {math.ceil(args.max_train_steps / r)} generator updates, "
-            f"but the target reaches the teacher only after {needed} ({len(path) - 1} nodes x --backtrack_interval "
-            f"{args.backtrack_interval}): the run ends on an intermediate node. Raise --max_train_steps above "
-            f"{needed * r} or lower --backtrack_interval."
+            f"--max_train_steps {args.max_train_steps} ends before the target reaches the teacher, after {needed} "
+            f"iterations ({len(path) - 2} switches x --backtrack_interval {args.backtrack_interval}): the run ends on "
+            f"an intermediate node. Raise --max_train_steps above {needed} or lower --backtrack_interval."
         )
     opt_g = make_optimizer(args, params_g, args.learning_rate)
     opt_f = make_optimizer(args, params_f, args.fake_learning_rate)
-    n_gen = math.ceil(args.max_train_steps / r)
-    sched_g = get_scheduler(
-        args.lr_scheduler,
-        opt_g,
-        num_warmup_steps=args.lr_warmup_steps * acc.num_processes,
-        num_training_steps=n_gen * acc.num_processes,
-    )
-    sched_f = get_scheduler(
-        args.lr_scheduler,
-        opt_f,
-        num_warmup_steps=args.lr_warmup_steps * acc.num_processes,
-        num_training_steps=args.max_train_steps * acc.num_processes,
-    )
+    # both schedules count stage-2 iterations (the reference steps the generator's every iteration, updated or not)
+    sched_g = make_lr_scheduler(args, opt_g, args.max_train_steps, acc.num_processes)
+    sched_f = make_lr_scheduler(args, opt_f, args.max_train_steps, acc.num_processes)
     # under FSDP each trainable model is prepared with its own optimizer, in its own call
     generator, opt_g, sched_g = acc.prepare(generator, opt_g, sched_g)
     fake, opt_f, sched_f = acc.prepare(fake, opt_f, sched_f)
@@ -890,14 +915,16 @@ def run_backtracking(run: Run, resume: str | None):
                 loss_f = denoising_score_matching_loss(fake_score, x0, cond, generator=run.noise)
         if run.finite_or_skip(loss_f, "fake-score DSM"):
             acc.backward(loss_f)
-            clip_and_step(acc, fake, opt_f, sched_f, args.max_grad_norm)
+            clip_and_step(acc, fake, opt_f, args.max_grad_norm)
         else:
             opt_f.zero_grad(set_to_none=True)
+        sched_f.step()
         logs["backtracking/fake_loss"] = loss_f.item()
         run.state.stage_step += 1
         run.state.global_step += 1
         step = run.state.stage_step
         # (b) every r-th iteration the generator moves toward the current target: Eq. 8
+        distance = None
         if step % r == 0:
             cond, z = run.batch()
             target, w = target_for(cond)
@@ -919,20 +946,22 @@ def run_backtracking(run: Run, resume: str | None):
                     loss_g = loss_g + args.gan_loss_weight * loss_gan
             if run.finite_or_skip(loss_g, "generator DM"):
                 acc.backward(loss_g)
-                clip_and_step(acc, generator, opt_g, sched_g, args.max_grad_norm)
+                clip_and_step(acc, generator, opt_g, args.max_grad_norm)
             else:
                 opt_g.zero_grad(set_to_none=True)
             distance = acc.reduce(info["dm_distance"].detach().float(), reduction="mean").item()
-            schedule.step(distance=distance)
             logs.update(
                 {
                     "backtracking/generator_loss": loss_g.item(),
                     "backtracking/dm_distance": distance,
                     "backtracking/grad_norm": info["grad_norm"].item(),
-                    "backtracking/target_node": schedule.target_node,
-                    "backtracking/lr": sched_g.get_last_lr()[0],
+                    "backtracking/target_node": schedule.target_node,  # the target of this update
+                    "backtracking/lr": sched_g.get_last_lr()[0],  # the LR of this update
                 }
             )
+        # both count stage-2 iterations, as the reference does: K2 and the generator's warm-up
+        sched_g.step()
+        schedule.step(distance=distance)
         run.log(logs, run.state.global_step)
         progress.set_postfix(target=f"P{schedule.target_node}", fake=f"{loss_f.item():.4f}")
         run.state.schedule = schedule.state_dict()
@@ -943,10 +972,10 @@ def run_backtracking(run: Run, resume: str | None):
         if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
             run.save_checkpoint()  # resuming the last one runs no iteration but still writes the final pipeline
     run.report_peak_memory("stage 2")
-    save_final(run, generator, schedule, path)
+    save_final(run, generator, path)
 
 
-def save_final(run: Run, generator, schedule: BacktrackingSchedule, path: DegradationPath):
+def save_final(run: Run, generator, path: DegradationPath):
     """Gathers the generator's full state dict, builds the pipeline and writes it in the Hub layout; pushes it."""
     args, acc = run.args, run.accelerator
     state = full_state_dict(acc, generator)
@@ -964,7 +993,10 @@ def save_final(run: Run, generator, schedule: BacktrackingSchedule, path: Degrad
             tokenizer=tok,
             tokenizer_2=tok2,
             unet=unet,
-            scheduler=DisBackScheduler.from_config(run.scheduler_config),
+            # the timestep the generator was trained at, not the teacher's scheduler default
+            scheduler=DisBackScheduler.from_config(
+                run.scheduler_config, conditioning_timestep=args.conditioning_timestep
+            ),
         )
         pipe.set_progress_bar_config(disable=True)
         pipe.to(acc.device)  # samples for the card render on the accelerator
@@ -979,7 +1011,7 @@ def save_final(run: Run, generator, schedule: BacktrackingSchedule, path: Degrad
             "backtrack_interval": args.backtrack_interval,
             "backtrack_rule": args.backtrack_rule,
             "stage2_iterations": args.max_train_steps,
-            "generator_updates": schedule.updates,
+            "generator_updates": args.max_train_steps // args.fake_score_update_ratio,
             "fake_score_update_ratio": args.fake_score_update_ratio,
             "learning_rate": args.learning_rate,
             "guidance_scale": args.guidance_scale,

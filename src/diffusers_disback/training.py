@@ -179,13 +179,17 @@ class ImageStream(PromptStream):
     centre-cropped to `resolution`, and scaled to [-1, 1]; unreadable images are counted and skipped.
 
     `data_dir` is an image folder (`datasets`' `imagefolder`; a `metadata.jsonl` with a `text` field adds captions).
+    Each real image is conditioned on its own caption, as the fakes are on theirs (DMD2 pairs real latents with their
+    captions): a `caption_column` the dataset does not have is an error. `caption_column=None` conditions every real
+    image on the empty prompt, which lets the discriminator tell real from fake by the text alone; it is allowed, with
+    a warning.
     """
 
     _what = "image"
     _column_flag = "--real_image_column"
 
     def __init__(
-        self, resolution: int, dataset_name=None, data_dir=None, image_column="image", caption_column=None, **kwargs
+        self, resolution: int, dataset_name=None, data_dir=None, image_column="image", caption_column="text", **kwargs
     ):
         if (dataset_name is None) == (data_dir is None):
             raise ValueError("give exactly one of `--real_dataset_name` and `--real_data_dir` for the GAN term")
@@ -202,14 +206,34 @@ class ImageStream(PromptStream):
             )
         else:
             super().__init__(dataset_name=dataset_name, caption_column=image_column, **kwargs)
+        columns = self.dataset.column_names  # None when a streamed source does not declare its features
+        if caption_column is None:
+            logger.warning(
+                "real images are conditioned on the empty prompt (no caption column), while generated images carry "
+                "their prompts: the discriminator can tell them apart by the text alone. Give the captions with "
+                "--real_caption_column if the dataset has them."
+            )
+        elif columns is not None and caption_column not in columns:
+            raise self._no_caption_column(columns)
         from datasets import Image as ImageFeature
 
         # decode here, not in the datasets iterator, so one unreadable file is skipped instead of ending the stream
         self.dataset = self.dataset.cast_column(image_column, ImageFeature(decode=False))
         self._unshuffled = self._unshuffled.cast_column(image_column, ImageFeature(decode=False))
 
+    def _no_caption_column(self, columns) -> ValueError:
+        return ValueError(
+            f"the real-image dataset has no caption column {self.text_column!r}; its columns are {sorted(columns)}. "
+            "Pass --real_caption_column with the column that holds each image's caption (an image folder takes them "
+            "from a `text` field in metadata.jsonl), or --real_caption_column none to condition real images on the "
+            "empty prompt."
+        )
+
     def _convert(self, example: dict):
         from PIL import Image
+
+        if self.text_column and self.text_column not in example:  # a stream that did not declare its columns
+            raise self._no_caption_column(example)
 
         image = example[self.caption_column]
         try:
@@ -228,8 +252,8 @@ class ImageStream(PromptStream):
         left, top = (image.width - r) // 2, (image.height - r) // 2
         image = image.crop((left, top, left + r, top + r))
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(r, r, 3)
-        caption = example.get(self.text_column) if self.text_column else None
-        return pixels.permute(2, 0, 1).float().div(127.5).sub(1), caption if isinstance(caption, str) else ""
+        caption = example[self.text_column] if self.text_column else None
+        return pixels.permute(2, 0, 1).float().div(127.5).sub(1), caption.strip() if isinstance(caption, str) else ""
 
 
 # ------------------------------------------------------------------------------------------------ conditioning

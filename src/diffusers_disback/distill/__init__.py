@@ -5,6 +5,7 @@ Nothing in this package imports SDXL-specific code: a score is any epsilon-predi
 
 from .backtracking import BacktrackingSchedule, target_score
 from .degradation import (
+    LORA_ADAPTER,
     DegradationPath,
     NodeSwitcher,
     PathError,
@@ -26,6 +27,7 @@ from .losses import (
 from .scores import NoiseSchedule, Score, one_step_sample
 
 __all__ = [
+    "LORA_ADAPTER",
     "BacktrackingSchedule",
     "DegradationPath",
     "NodeSwitcher",

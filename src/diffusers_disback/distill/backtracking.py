@@ -1,13 +1,18 @@
 """Stage 2, distribution backtracking: the generator chases targets that walk the recorded path back to the teacher.
 
 With the reversed path `R = [P_N, ..., P_1, P_0]` (`R[0]` the most degraded node, `R[N]` the teacher), the fake score
-starts at `R[0]` and the distribution-matching target starts at `R[1]`; every `K` generator updates the target moves
+starts at `R[0]` and the distribution-matching target starts at `R[1]`; every `K` training iterations the target moves
 one node toward the teacher, and once it is the teacher it stays there (paper Sec. 3.3, Alg. 1).
+
+The unit of `K` is the caller's: [`BacktrackingSchedule.step`] is called once per iteration of the loop. The released
+DisBack code counts loop iterations (one fake-score update each; the generator is updated every r-th), so its
+SDXL value K = 1000 is 200 generator updates at r = 5; the SDXL training script ticks the schedule the same way
+(docs/method.md, "Differences from the reference code").
 
 The public reference loop compares its switch against the running step, so it fires at most once, and its pseudocode
 tests `idx // interval == 0` (true only while `idx < interval`) where `idx % interval == 0` was meant. Here the
-target is a pure function of the number of generator updates (fixed rule), or advances on a measured signal
-(adaptive rule), and the schedule's state is saved and restored with every checkpoint.
+target is a pure function of the number of steps (fixed rule), or advances on a measured signal (adaptive rule), and
+the schedule's state is saved and restored with every checkpoint.
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ class BacktrackingSchedule:
     Args:
         num_nodes: nodes in the path including the teacher (`N + 1`); 2 means "last node, then teacher" (the warm
             control), 1 means "teacher only" (plain DMD).
-        interval: `K`: generator updates per node (fixed rule; the adaptive rule's upper bound). SDXL: 1000.
-        rule: `"fixed"` (the paper: advance every `interval` updates) or `"adaptive"` (advance when the generator has
+        interval: `K`: calls to [`step`] per node (fixed rule; the adaptive rule's upper bound). The SDXL script
+            calls `step` once per stage-2 iteration, as the reference does: SDXL K = 1000 iterations.
+        rule: `"fixed"` (the paper: advance every `interval` steps) or `"adaptive"` (advance when the generator has
             caught up with the current target: the distance reported to [`step`] fell below `threshold` times its
-            value when the target was set, after at least `min_interval` updates; and at the latest after
-            `interval` updates).
+            value when the target was set, after at least `min_interval` steps; and at the latest after `interval`
+            steps).
         threshold: adaptive rule: the fraction of the initial distance at which the target advances.
-        min_interval: adaptive rule: the least updates spent on a node.
+        min_interval: adaptive rule: the least steps spent on a node.
         ema: adaptive rule: smoothing of the reported distance (weight of the history).
 
     The target, as an index into the reversed path `R` (`1..N`; `N` is the teacher), is [`target`]; as a node index
@@ -57,9 +63,9 @@ class BacktrackingSchedule:
     min_interval: int = 1
     ema: float = 0.9
     # state
-    updates: int = 0
+    steps: int = 0
     target: int = 1
-    updates_on_target: int = 0
+    steps_on_target: int = 0
     reference_distance: float | None = None
     smoothed_distance: float | None = None
 
@@ -91,32 +97,35 @@ class BacktrackingSchedule:
 
     def step(self, distance: float | None = None) -> bool:
         """
-        Records one generator update (call it after the update) and advances the target if the rule says so.
-        `distance`: the adaptive rule's signal for this update (e.g. `dm_distance` of `distribution_matching_step`).
-        Returns whether the target changed.
+        Records one step (call it after each iteration of the loop) and advances the target if the rule says so.
+        `distance`: the adaptive rule's signal, on iterations that measured one (e.g. `dm_distance` of
+        `distribution_matching_step` on a generator update); iterations without one only count. Returns whether the
+        target changed.
         """
-        self.updates += 1
-        self.updates_on_target += 1
+        self.steps += 1
+        self.steps_on_target += 1
         if self.at_teacher:
             return False
         if self.rule == "fixed":
-            advance = self.updates_on_target >= self.interval
+            advance = self.steps_on_target >= self.interval
         else:
-            if distance is None:
-                raise ValueError("the adaptive rule needs the `distance` of each update")
-            d = float(distance)
-            self.smoothed_distance = (
-                d if self.smoothed_distance is None else (self.ema * self.smoothed_distance + (1 - self.ema) * d)
+            if distance is not None:
+                d = float(distance)
+                self.smoothed_distance = (
+                    d if self.smoothed_distance is None else (self.ema * self.smoothed_distance + (1 - self.ema) * d)
+                )
+                if self.reference_distance is None:
+                    self.reference_distance = self.smoothed_distance
+            caught_up = (
+                self.reference_distance is not None
+                and self.smoothed_distance <= self.threshold * self.reference_distance
             )
-            if self.reference_distance is None:
-                self.reference_distance = self.smoothed_distance
-            caught_up = self.smoothed_distance <= self.threshold * self.reference_distance
-            advance = self.updates_on_target >= self.interval or (
-                caught_up and self.updates_on_target >= self.min_interval
+            advance = self.steps_on_target >= self.interval or (
+                caught_up and self.steps_on_target >= self.min_interval
             )
         if advance:
             self.target += 1
-            self.updates_on_target = 0
+            self.steps_on_target = 0
             self.reference_distance = None
             self.smoothed_distance = None
         return advance
@@ -127,21 +136,28 @@ class BacktrackingSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         """Restores [`state_dict`]; the path length and rule must match the run being resumed."""
+        if "updates" in state:
+            raise ValueError(
+                "this checkpoint's backtracking schedule counted generator updates (written by an older "
+                "diffusers_disback); the schedule now counts stage-2 iterations, so its position cannot be carried "
+                "over. Restart stage 2 from the path (--stage backtracking) or finish the run with the version that "
+                "wrote it."
+            )
         for key in ("num_nodes", "rule"):
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"checkpoint's backtracking schedule has {key}={state[key]!r}, this run has {getattr(self, key)!r}"
                 )
         # the position only: settings such as `interval` come from this run's arguments
-        for key in ("updates", "target", "updates_on_target", "reference_distance", "smoothed_distance"):
+        for key in ("steps", "target", "steps_on_target", "reference_distance", "smoothed_distance"):
             setattr(self, key, state[key])
 
     @classmethod
-    def fixed_target_at(cls, num_nodes: int, interval: int, updates: int) -> int:
-        """The fixed rule in closed form: the reversed-path target after `updates` generator updates."""
+    def fixed_target_at(cls, num_nodes: int, interval: int, steps: int) -> int:
+        """The fixed rule in closed form: the reversed-path target after `steps` calls to [`step`]."""
         if num_nodes == 1:
             return 0
-        return min(1 + updates // interval, num_nodes - 1)
+        return min(1 + steps // interval, num_nodes - 1)
 
 
 INTERMEDIATE_CFG = ("none", "node", "teacher")
@@ -158,7 +174,7 @@ def target_score(
     The distribution-matching target of the schedule's current node and the CFG scale to use with it.
 
     The teacher is always guided with `guidance_scale`. An intermediate node (`node_eps(i)` gives its eps callable)
-    was fine-tuned on conditional inputs only, so its guidance is a choice (METHOD.md, Stage 2 item 5):
+    was fine-tuned on conditional inputs only, so its guidance is a choice (docs/method.md, "CFG on intermediate nodes"):
     `"none"` (no CFG; the best of the three on the digits benchmark), `"node"` (the node's own unconditional
     branch) or `"teacher"` (the teacher's unconditional branch; it collapsed DisBack on digits).
     """
