@@ -213,15 +213,21 @@ def test_fsdp2_with_gradient_checkpointing_and_sharded_resume(teacher, tmp_path)
 
 def test_one_gpu_lora_mode(teacher, tmp_path):
     out = tmp_path / "lora"
-    proc = _run(_cmd(teacher, out, "--lora_rank", "4", "--path_node_type", "lora", "--path_lora_rank", "4"))
+    args = ["--lora_rank", "4", "--path_node_type", "lora", "--path_lora_rank", "4", "--mixed_precision", "bf16"]
+    proc = _run(_cmd(teacher, out, *args))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # under bf16 the frozen bases are bf16 and the adapters fp32 master weights (peft makes them bf16 by default)
+    generator = load_file(out / "checkpoints" / "checkpoint-10" / "model.safetensors")
+    assert {v.dtype for k, v in generator.items() if "lora_" in k} == {torch.float32}
+    assert {v.dtype for k, v in generator.items() if "lora_" not in k} == {torch.bfloat16}
     path = DegradationPath.load(out / "path")
     assert path.kind == "lora" and all(n.num_bytes < 400_000 for n in path.nodes[1:])  # a full node: 8 MB
     final = _final_unet(out)
     assert not any("lora" in k for k in final)  # the generator's adapter is merged into plain weights
     base = load_file(os.path.join(teacher, "unet", "diffusion_pytorch_model.safetensors"))
     moved = [k for k in final if not torch.equal(final[k], base[k].to(final[k].dtype))]
-    assert moved and all(k.endswith(".weight") and ("to_" in k) for k in moved)  # only the adapted projections
+    # only the adapted projections, merged into the fp32 weights (not the bf16 training copy of the base)
+    assert moved and all(k.endswith(".weight") and ("to_" in k) for k in moved)
     assert "| lora_rank | 4 |" in (out / "final" / "README.md").read_text()
 
 
@@ -239,8 +245,12 @@ def test_gan_term_with_real_images(teacher, tmp_path):
     captions = [{"file_name": f"{i}.png", "text": f"a photo of noise {i}"} for i in range(4)]
     (real / "metadata.jsonl").write_text("\n".join(json.dumps(c) for c in captions + [{"file_name": "broken.png"}]))
     out = tmp_path / "gan"
-    proc = _run(_cmd(teacher, out, "--gan_loss_weight", "5e-3", "--real_data_dir", str(real)))
+    proc = _run(_cmd(teacher, out, "--gan_loss_weight", "5e-3", "--degradation_gan", "--real_data_dir", str(real)))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # stage 1 trained a head with the degrading score, as the reference does; path nodes hold the score alone
+    stage1 = load_file(out / "checkpoints" / "checkpoint-2" / "model.safetensors")
+    assert any(k.startswith("head.") for k in stage1)
+    assert DegradationPath.load(out / "path").node_state_dict(1).keys() == _final_unet(out).keys()
     assert "unreadable image skipped" in proc.stderr
     data = json.loads((out / "checkpoints" / "checkpoint-10" / "data_0.json").read_text())
     assert data["real"]["skipped"] >= 1  # the real-image stream's position is checkpointed too

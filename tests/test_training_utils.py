@@ -324,3 +324,78 @@ def test_trainable_weights_are_fp32_masters_and_move_at_the_sdxl_learning_rate(l
         optimizer.zero_grad(set_to_none=True)
     changed = torch.cat([(named[n] != before).flatten() for n, before in watch.items()]).float().mean().item()
     assert changed > 0.9, changed  # fp32: 0.97; bf16 adapters (the earlier code): 0.0002
+
+
+def _tiny_cond(batch=2):
+    return {
+        "prompt_embeds": torch.randn(batch, 8, 64, generator=torch.Generator().manual_seed(0)),
+        "text_embeds": torch.randn(batch, 32, generator=torch.Generator().manual_seed(1)),
+        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]]).repeat(batch, 1),
+    }
+
+
+def test_fake_score_dm_pass_runs_in_fp32_inside_an_autocast_region():
+    """DMD2 runs the fake score's pass of the DM loss in fp32; the loop's generator update sits in a bf16 autocast
+    region, which `unet_eps_fn(..., autocast=False)` leaves."""
+    from diffusers_disback.testing import get_tiny_unet
+
+    unet = get_tiny_unet().eval()
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([500, 900])
+    with torch.no_grad():
+        exact = unet_eps_fn(unet)(x, t, _tiny_cond())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fp32 = unet_eps_fn(unet, autocast=False)(x, t, _tiny_cond())
+            bf16 = unet_eps_fn(unet)(x, t, _tiny_cond())
+    assert torch.equal(fp32, exact)
+    assert not torch.equal(bf16, exact)
+
+
+def test_prepared_models_carry_no_hidden_autocast():
+    """Under mixed precision accelerate wraps a prepared model's forward in autocast, which would override the fp32
+    pass above; the script's `prepare_trainable` removes it, so only the loop's autocast regions decide precision."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from diffusers_disback.testing import get_tiny_unet
+
+    script = _script()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        acc = Accelerator(cpu=True, mixed_precision="bf16")
+        unet = get_tiny_unet()
+        reference = get_tiny_unet().eval()
+        opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        model, _, _ = script.prepare_trainable(acc, unet, opt, sched)
+        model.eval()
+        x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([500, 900])
+        with torch.no_grad():
+            exact = unet_eps_fn(reference)(x, t, _tiny_cond())
+            assert torch.equal(unet_eps_fn(model)(x, t, _tiny_cond()), exact)
+            with acc.autocast():  # the loop's own regions still compute in bf16
+                assert not torch.equal(unet_eps_fn(model)(x, t, _tiny_cond()), exact)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_text_encoders_stay_fp32_and_the_teacher_takes_the_mixed_precision_dtype(tmp_path):
+    from diffusers_disback.testing import save_tiny_teacher
+
+    script = _script()
+    teacher = save_tiny_teacher(str(tmp_path / "teacher"))
+    args = script.parse_args(["--pretrained_teacher_model", teacher, "--train_data_files", "p.txt"])
+    _, _, te, te2, unet, _ = script.load_frozen_components(args, torch.bfloat16)
+    assert {p.dtype for m in (te, te2) for p in m.parameters()} == {torch.float32}  # as DMD2's text encoders
+    assert {p.dtype for p in unet.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize(("size", "strides"), [(32, [2, 2, 2, 4, 1]), (4, [4, 1]), (24, [2, 2, 2, 3, 1])])
+def test_discriminator_head_follows_dmd2(size, strides):
+    """DMD2's SDXL head at 1024 (mid-block 32x32): three stride-2 4x4 convs, a 4x4 stride-4 conv, a 1x1 conv."""
+    from diffusers_disback.training import DiscriminatorHead
+
+    head = DiscriminatorHead(64, size)
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride[0] for c in convs] == strides and convs[-1].out_channels == 1
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in head.modules()) == len(strides) - 1
+    assert head(torch.randn(3, 64, size, size)).shape == (3,)

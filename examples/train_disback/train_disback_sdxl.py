@@ -135,6 +135,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=1e-2,
         help="weight of the discriminator loss added to the fake score's (DMD2: 1e-2)",
     )
+    p.add_argument(
+        "--degradation_gan",
+        action="store_true",
+        help="stage 1 also trains a discriminator head on the degrading score (weight --gan_discriminator_weight), "
+        "as the reference code does; needs real images. Off by default: the method does not need it",
+    )
     p.add_argument("--real_dataset_name", default=None, help="GAN term: a Hub image dataset")
     p.add_argument("--real_data_dir", default=None, help="GAN term: a local image folder (imagefolder)")
     p.add_argument("--real_image_column", default="image")
@@ -240,8 +246,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give exactly one of --dataset_name and --train_data_files")
     if args.eval_steps and not args.eval_dataset:
         p.error("--eval_steps needs --eval_dataset (captioned reference images)")
-    if args.gan_loss_weight > 0 and (args.real_dataset_name is None) == (args.real_data_dir is None):
-        p.error("--gan_loss_weight needs real images: exactly one of --real_dataset_name and --real_data_dir")
+    for flag, on in (("--gan_loss_weight", args.gan_loss_weight > 0), ("--degradation_gan", args.degradation_gan)):
+        if on and (args.real_dataset_name is None) == (args.real_data_dir is None):
+            p.error(f"{flag} needs real images: exactly one of --real_dataset_name and --real_data_dir")
     if args.resolution % 8:
         p.error(f"--resolution must be divisible by 8, got {args.resolution}")
     if args.push_to_hub and not args.hub_model_id:
@@ -273,7 +280,8 @@ def load_frozen_components(args, weight_dtype):
     scheduler = DisBackScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
     for m in (te, te2, teacher):
         m.requires_grad_(False).eval()
-    return tok, tok2, te.to(weight_dtype), te2.to(weight_dtype), teacher.to(weight_dtype), scheduler
+    # the text encoders stay fp32 (one pass per batch), as in DMD2; the teacher runs in the mixed-precision dtype
+    return tok, tok2, te.to(torch.float32), te2.to(torch.float32), teacher.to(weight_dtype), scheduler
 
 
 def teacher_unet_fp32(args) -> UNet2DConditionModel:
@@ -366,6 +374,17 @@ def make_trainable(unet: UNet2DConditionModel, config, weight_dtype, adapter_nam
         unet.enable_gradient_checkpointing()
     unet.train()
     return params
+
+
+def prepare_trainable(accelerator, model, optimizer, lr_scheduler):
+    """
+    `accelerator.prepare` for one trainable model with its optimizer and LR schedule, without the autocast that
+    accelerate wraps around the model's forward under mixed precision: precision is decided by the loop's own
+    autocast regions, as in DMD2, so the fake score's pass in the DM loss can run in fp32.
+    """
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # restores the module's own forward, in place
+    return model, optimizer, lr_scheduler
 
 
 def make_optimizer(args, params, lr):
@@ -470,7 +489,7 @@ class Run:
             world_size=acc.num_processes,
         )
         self.real, self.vae = None, None
-        if args.gan_loss_weight > 0:
+        if args.gan_loss_weight > 0 or args.degradation_gan:
             self.real = real_image_stream(args, acc.process_index, acc.num_processes)
             self._load_vae()
         self.state = RunState()
@@ -605,7 +624,8 @@ class Run:
         z = torch.randn(
             (len(args.validation_prompts), *self.latent_shape), generator=torch.Generator().manual_seed(0)
         ).to(acc.device)
-        x0 = self.generate(generator_unet, cond, z)
+        with acc.autocast():
+            x0 = self.generate(generator_unet, cond, z)
         if not acc.is_main_process:
             return
         vae = self.vae if self.vae is not None else self._load_vae()
@@ -688,7 +708,8 @@ class Run:
                     for i in range(len(chunk))
                 ]
             ).to(acc.device)
-            x0 = self.generate(generator_unet, self.conditioner(chunk, acc.device), z)
+            with acc.autocast():
+                x0 = self.generate(generator_unet, self.conditioner(chunk, acc.device), z)
             if acc.is_main_process:
                 pixels = vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample.float()
                 arrays = (
@@ -756,9 +777,12 @@ def run_degradation(run: Run, resume: str | None):
     degrading = teacher_unet_fp32(args)
     node_lora = lora_config(args.path_lora_rank) if args.path_node_type == "lora" else None
     params = make_trainable(degrading, node_lora, run.weight_dtype, LORA_ADAPTER, args.gradient_checkpointing)
+    if args.degradation_gan:  # the reference's stage 1 adds the discriminator loss to the degrading score's
+        degrading = FakeScoreWithHead(degrading, args.resolution // 8)
+        params = params + list(degrading.head.parameters())
     optimizer = make_optimizer(args, params, args.degradation_learning_rate)
     lr_scheduler = make_lr_scheduler(args, optimizer, args.degradation_steps, acc.num_processes)
-    degrading, optimizer, lr_scheduler = acc.prepare(degrading, optimizer, lr_scheduler)
+    degrading, optimizer, lr_scheduler = prepare_trainable(acc, degrading, optimizer, lr_scheduler)
 
     if args.num_path_nodes:
         steps_at = node_steps(args.degradation_steps, num_nodes=args.num_path_nodes, spacing=args.path_node_spacing)
@@ -795,11 +819,17 @@ def run_degradation(run: Run, resume: str | None):
         disable=not acc.is_local_main_process,
     )
     for _ in progress:
+        logs = {}
         cond, z = run.batch()
         with torch.no_grad():
             x0 = run.generate(generator, cond, z)
-        with acc.autocast():
-            loss = denoising_score_matching_loss(score, x0, cond, generator=run.noise)  # Eq. 7
+        if args.degradation_gan:
+            loss, loss_d = fake_update_with_gan(run, degrading, x0, cond)  # Eq. 7 + the discriminator's loss
+            logs["degradation/discriminator_loss"] = loss_d.item()
+        else:
+            with acc.autocast():
+                loss = denoising_score_matching_loss(score, x0, cond, generator=run.noise)  # Eq. 7
+        logs["degradation/lr"] = lr_scheduler.get_last_lr()[0]  # the LR of this update
         if run.finite_or_skip(loss, "degradation DSM"):
             acc.backward(loss)
             clip_and_step(acc, degrading, optimizer, args.max_grad_norm)
@@ -811,15 +841,16 @@ def run_degradation(run: Run, resume: str | None):
         step = run.state.stage_step
         if step in steps_at:
             node_state = full_state_dict(acc, degrading)
+            if args.degradation_gan:  # a node is the score; the head is not part of it
+                node_state = FakeScoreWithHead.unet_state_dict(node_state)
             if args.path_node_type == "lora":
                 node_state = lora_state_dict(node_state, "degradation")
             if acc.is_main_process:
                 node = path.add_node(node_state, step)
                 logger.info(f"path node {node.index} at stage-1 step {step} ({node.num_bytes / 2**20:.1f} MiB)")
             acc.wait_for_everyone()
-        run.log(
-            {"degradation/loss": loss.item(), "degradation/lr": lr_scheduler.get_last_lr()[0]}, run.state.global_step
-        )
+        logs["degradation/loss"] = loss.item()
+        run.log(logs, run.state.global_step)
         progress.set_postfix(loss=f"{loss.item():.4f}", nodes=len(path) if path else "-")
         if step % args.checkpointing_steps == 0 or step == args.degradation_steps:
             if step == args.degradation_steps:
@@ -858,7 +889,7 @@ def run_backtracking(run: Run, resume: str | None):
     params_f = make_trainable(fake, adapter, run.weight_dtype, "fake_score", args.gradient_checkpointing)
     gan = args.gan_loss_weight > 0
     if gan:  # the discriminator head reads the fake score's mid-block features and trains with it
-        fake = FakeScoreWithHead(fake)
+        fake = FakeScoreWithHead(fake, args.resolution // 8)
         params_f = params_f + list(fake.head.parameters())
     r = args.fake_score_update_ratio
     needed = (len(path) - 2) * args.backtrack_interval  # iterations until the target is the teacher
@@ -874,8 +905,8 @@ def run_backtracking(run: Run, resume: str | None):
     sched_g = make_lr_scheduler(args, opt_g, args.max_train_steps, acc.num_processes)
     sched_f = make_lr_scheduler(args, opt_f, args.max_train_steps, acc.num_processes)
     # under FSDP each trainable model is prepared with its own optimizer, in its own call
-    generator, opt_g, sched_g = acc.prepare(generator, opt_g, sched_g)
-    fake, opt_f, sched_f = acc.prepare(fake, opt_f, sched_f)
+    generator, opt_g, sched_g = prepare_trainable(acc, generator, opt_g, sched_g)
+    fake, opt_f, sched_f = prepare_trainable(acc, fake, opt_f, sched_f)
     if resume:
         with open(os.path.join(resume, "run_state.json")) as f:
             mid_stage_2 = json.load(f)["stage_step"] > 0
@@ -886,6 +917,9 @@ def run_backtracking(run: Run, resume: str | None):
     run.state.stage, run.state.schedule = "backtracking", schedule.state_dict()
 
     fake_score = Score(unet_eps_fn(fake), run.noise_schedule)
+    # in the DM loss the fake score runs in fp32 outside autocast, as DMD2's does (its gradient is the difference of
+    # two x0 estimates, which bf16 rounding would blur as the generator closes in)
+    fake_score_fp32 = Score(unet_eps_fn(fake, autocast=False), run.noise_schedule)
     teacher_eps = unet_eps_fn(run.teacher)
 
     def target_for(cond) -> tuple[Score, float]:
@@ -934,7 +968,7 @@ def run_backtracking(run: Run, resume: str | None):
                     x0,
                     cond,
                     target,
-                    fake_score,
+                    fake_score_fp32,
                     guidance_scale=w,
                     min_step=run.min_step,
                     max_step=run.max_step,
@@ -980,8 +1014,10 @@ def save_final(run: Run, generator, path: DegradationPath):
     args, acc = run.args, run.accelerator
     state = full_state_dict(acc, generator)
     if acc.is_main_process:
-        if args.lora_rank:
-            state = merge_lora(state, "generator")  # lora_alpha = r: scaling 1
+        if args.lora_rank:  # the adapter onto the initial generator's fp32 weights, not its bf16 training copy
+            adapter = {k: v for k, v in state.items() if "lora_" in k}
+            base = load_initial_generator(args, run.teacher).state_dict()
+            state = merge_lora({**base, **adapter}, "generator")  # lora_alpha = r: scaling 1
         unet = UNet2DConditionModel.from_config(run.teacher.config)
         unet.load_state_dict(state)
         tok, tok2, te, te2 = run.text_parts

@@ -7,6 +7,7 @@ here. The method itself is in `diffusers_disback.distill`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -302,18 +303,27 @@ class SDXLConditioner:
         }
 
 
-def unet_eps_fn(unet: torch.nn.Module):
-    """An SDXL UNet as the score callable `eps(x_t, t, cond)` of `diffusers_disback.distill` (float32 out)."""
+def unet_eps_fn(unet: torch.nn.Module, autocast: bool = True):
+    """
+    An SDXL UNet as the score callable `eps(x_t, t, cond)` of `diffusers_disback.distill` (float32 out).
+
+    `autocast=False` runs it in its own weights' dtype even inside an autocast region: the fake score's pass in the
+    distribution-matching loss runs in fp32, as DMD2's does (docs/method.md, "Differences from the reference code").
+    """
 
     def eps(x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         dtype = _dtype_of(unet)
-        return unet(
-            x_t.to(dtype),
-            t,
-            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
-            added_cond_kwargs={"text_embeds": cond["text_embeds"].to(dtype), "time_ids": cond["time_ids"].to(dtype)},
-            return_dict=False,
-        )[0].float()
+        with torch.autocast(x_t.device.type, enabled=False) if not autocast else contextlib.nullcontext():
+            return unet(
+                x_t.to(dtype),
+                t,
+                encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+                added_cond_kwargs={
+                    "text_embeds": cond["text_embeds"].to(dtype),
+                    "time_ids": cond["time_ids"].to(dtype),
+                },
+                return_dict=False,
+            )[0].float()
 
     return eps
 
@@ -355,20 +365,34 @@ def lora_state_dict(full_state: dict[str, torch.Tensor], adapter_name: str) -> d
 
 
 class DiscriminatorHead(torch.nn.Module):
-    """DMD2's "classifier on clean image": a small conv head on the fake score's mid-block features -> one logit per
-    sample."""
+    """
+    DMD2's "classifier on clean image": a conv head on the fake score's mid-block features -> one logit per sample.
 
-    def __init__(self, channels: int, groups: int = 32):
+    As DMD2 builds it for SDXL at 1024 (mid-block features 32x32): stride-2 4x4 convs (each with GroupNorm and SiLU)
+    while the features are larger than 4x4, one conv whose kernel and stride are the remaining size (4x4 -> 1x1),
+    then a 1x1 conv to the logit. `size` is the mid-block's spatial size (the latent size / 2^(down blocks - 1)).
+    """
+
+    def __init__(self, channels: int, size: int, groups: int = 32):
         super().__init__()
         groups = min(groups, channels)
-        self.net = torch.nn.Sequential(
-            torch.nn.Conv2d(channels, channels, 4, 2, 1), torch.nn.GroupNorm(groups, channels), torch.nn.SiLU(),
-            torch.nn.Conv2d(channels, channels, 4, 2, 1), torch.nn.GroupNorm(groups, channels), torch.nn.SiLU(),
-            torch.nn.Conv2d(channels, 1, 1),
-        )  # fmt: skip
+        layers = []
+        while size > 4:
+            layers += [
+                torch.nn.Conv2d(channels, channels, 4, 2, 1),
+                torch.nn.GroupNorm(groups, channels),
+                torch.nn.SiLU(),
+            ]
+            size //= 2
+        layers += [
+            torch.nn.Conv2d(channels, channels, size, size),
+            torch.nn.GroupNorm(groups, channels),
+            torch.nn.SiLU(),
+        ]
+        self.net = torch.nn.Sequential(*layers, torch.nn.Conv2d(channels, 1, 1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features).flatten(1).mean(1)
+        return self.net(features).flatten(1).squeeze(1)
 
 
 class FakeScoreWithHead(torch.nn.Module):
@@ -378,16 +402,23 @@ class FakeScoreWithHead(torch.nn.Module):
     head reading the mid-block output through a forward hook.
     """
 
-    def __init__(self, unet: torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module, latent_size: int):
         super().__init__()
         self.unet = unet
-        self.head = DiscriminatorHead(unet.config.block_out_channels[-1])
+        mid_size = latent_size // 2 ** (len(unet.config.down_block_types) - 1)
+        self.head = DiscriminatorHead(unet.config.block_out_channels[-1], mid_size)
         self._features: list[torch.Tensor] = []
         unet.mid_block.register_forward_hook(lambda module, args, output: self._features.append(output))
 
     @property
     def config(self):
         return self.unet.config
+
+    @staticmethod
+    def unet_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The UNet's part of a (gathered) state dict of this module, keyed as the bare UNet's: what a path node
+        stores."""
+        return {k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")}
 
     def forward(
         self,
