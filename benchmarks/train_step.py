@@ -56,8 +56,8 @@ def build(size: str, device: str, dtype: torch.dtype, resolution: int, gradient_
     conditioner = SDXLConditioner(
         c["tokenizer"],
         c["tokenizer_2"],
-        c["text_encoder"].to(device, dtype),
-        c["text_encoder_2"].to(device, dtype),
+        c["text_encoder"].to(device, torch.float32),  # fp32, as the script (and DMD2) keeps them
+        c["text_encoder_2"].to(device, torch.float32),
         resolution,
     )
     opt_g = torch.optim.AdamW(generator.parameters(), lr=1e-6)
@@ -101,6 +101,7 @@ def main(argv=None) -> dict:
     noise_gen = torch.Generator().manual_seed(0)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     g_eps, f_eps, t_eps = unet_eps_fn(generator), unet_eps_fn(fake), unet_eps_fn(teacher)
+    f_eps_fp32 = unet_eps_fn(fake, autocast=False)  # the fake score's DM pass runs in fp32, as in the script
     backtracking = BacktrackingSchedule(num_nodes=1)
 
     def iteration(mark=lambda name: None):
@@ -120,7 +121,7 @@ def main(argv=None) -> dict:
         with autocast:
             x0 = one_step_sample(g_eps, z, cond, schedule)
             loss_g, info = distribution_matching_step(
-                x0, cond, target, Score(f_eps, schedule), guidance_scale=8.0, generator=noise_gen
+                x0, cond, target, Score(f_eps_fp32, schedule), guidance_scale=8.0, generator=noise_gen
             )
         loss_g.backward()
         torch.nn.utils.clip_grad_norm_(generator.parameters(), 10.0)
@@ -164,7 +165,7 @@ def main(argv=None) -> dict:
         out = timed("generator forward (grad)", lambda: fwd(g_eps, cond, t))
         with torch.no_grad():
             timed("teacher forward x2 (CFG)", lambda: (fwd(t_eps, cond, tt), fwd(t_eps, uncond, tt)))
-            timed("fake score forward (no grad)", lambda: fwd(f_eps, cond, tt))
+            timed("fake score forward (no grad, fp32)", lambda: fwd(f_eps_fp32, cond, tt))
 
         def gen_update():
             out.pow(2).mean().backward()
