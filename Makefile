@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch is pinned in the same command so pip never reaches for a CUDA build.
-	$(PY) -m pip install --quiet -r requirements-test.txt -e ".[test]" ruff
+	$(PY) -m pip install --quiet -r requirements-test.txt -e ".[test]"
 	# clean-fid without its dependencies: it declares torchvision, which would replace the pinned CPU torch; the
 	# tests use only its resizer (cleanfid.resize), which needs numpy and PIL. The Inception network is not used here.
 	$(PY) -m pip install --quiet --no-deps clean-fid==0.1.35

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 
 import torch
 from accelerate import Accelerator
@@ -67,6 +68,9 @@ from diffusers_disback.training import (
 )
 
 logger = get_logger(__name__)
+# the generator's LR schedule steps every stage-2 iteration, as the reference's does, so before the generator's first
+# update at iteration r; torch warns about exactly that order
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
 STAGES = ("degradation", "backtracking")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
