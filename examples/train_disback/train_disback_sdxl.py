@@ -364,7 +364,7 @@ def make_trainable(unet: UNet2DConditionModel, config, weight_dtype, adapter_nam
     Full fine-tuning (`config=None`), or a LoRA adapter (`config`, see [`lora_config`]) over a frozen base held in the
     mixed-precision dtype: the one-GPU mode. Returns the parameters to optimise, always fp32 master weights: peft
     creates an adapter in its base layer's dtype, and AdamW steps of lr 5e-7 on bf16 weights of size ~0.1 round away
-    (docs/training.md, "Differences from the reference code").
+    (docs/method.md, "Differences from the reference code").
     """
     if config is not None:
         unet.requires_grad_(False).to(weight_dtype)
