@@ -301,12 +301,6 @@ def load_initial_generator(args, teacher: UNet2DConditionModel) -> UNet2DConditi
     file or `owner/repo/file.bin` on the Hub)."""
     src = args.pretrained_generator
     if src is None:
-        logger.warning(
-            "the generator starts from the teacher's UNet (no --pretrained_generator). DMD2's authors report that a "
-            "one-step SDXL generator needs regression pre-training or a DMD2 start (the released DisBack SDXL run "
-            "starts from DMD2's one-step UNet); from the teacher, expect slow progress at SDXL scale.",
-            main_process_only=True,
-        )
         gen = teacher_unet_fp32(args)
     elif os.path.isfile(src) or src.endswith((".bin", ".pt", ".pth", ".ckpt", ".safetensors")):
         gen = load_unet_checkpoint(src, config=teacher.config)
@@ -1081,6 +1075,13 @@ def save_final(run: Run, generator, path: DegradationPath):
 def main(argv=None):
     args = parse_args(argv)
     run = Run(args)
+    if args.pretrained_generator is None:  # said once: stage 1, stage 2 and the LoRA merge all load the generator
+        logger.warning(
+            "the generator starts from the teacher's UNet (no --pretrained_generator). DMD2's authors report that a "
+            "one-step SDXL generator needs regression pre-training or a DMD2 start (the released DisBack SDXL run "
+            "starts from DMD2's one-step UNet); from the teacher, expect slow progress at SDXL scale.",
+            main_process_only=True,
+        )
     resume = resolve_resume(args)
     if resume:
         with open(os.path.join(resume, "run_state.json")) as f:
