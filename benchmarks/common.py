@@ -1,8 +1,10 @@
 """Shared engine of the convergence benchmarks (toy2d.py, digits.py): DMD vs DisBack vs the warm control on vector data.
 
-Everything the method does goes through `diffusers_disback.distill` (losses, degradation path on disk, node switcher,
-backtracking schedule); this file only supplies small networks, the training loops and the bookkeeping, so that the
-benchmarks measure the library the SDXL script uses.
+Everything the method does goes through `diffusers_disback.distill`: the training steps (`DegradationStep`,
+`BacktrackingStep`, the ones the SDXL training script runs), the settings (`DisBackConfig`, the script's flag names
+and units), the degradation path on disk, the node switcher and the backtracking schedule. This file only supplies
+small networks, the batches, the evaluation cadence and the bookkeeping, so that the benchmarks measure the loop
+users run.
 
 Methods (same networks, seeds, learning rates; compute counted in iterations and wall time, stage 1 included):
 
@@ -26,16 +28,22 @@ import torch
 import torch.nn as nn
 
 from diffusers_disback.distill import (
+    LORA_ADAPTER,
     BacktrackingSchedule,
+    BacktrackingStep,
     DegradationPath,
+    DegradationStep,
+    DisBackConfig,
     NodeSwitcher,
     NoiseSchedule,
+    OptimizerUpdate,
     Score,
-    add_lora_adapter,
     denoising_score_matching_loss,
-    distribution_matching_step,
-    lora_parameters,
-    node_steps,
+    generator_updates,
+    lora_config,
+    make_lr_scheduler,
+    make_optimizer,
+    make_trainable,
     one_step_sample,
     target_score,
 )
@@ -131,34 +139,29 @@ def ddim_sample(score: Score, noise: torch.Tensor, cond, steps: int = 50, guidan
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(DisBackConfig):
+    """
+    One benchmark run: the method's settings ([`DisBackConfig`], the same names and units as the SDXL training
+    script's flags; every count in stage-2 iterations) with toy-scale defaults, plus what only a benchmark chooses.
+    """
+
     method: str = "disback"  # dmd | disback | warm
     generator_init: str = "teacher"  # teacher | scratch
-    generator_updates: int = 2000
-    fake_updates_per_generator_update: int = 5  # r, the two-time-scale ratio
-    lr_generator: float = 1e-4
-    lr_fake: float = 1e-4
-    batch_size: int = 256
+    eval_steps: int = 500  # evaluate every this many stage-2 iterations
+    # toy-scale defaults of the method's settings
+    max_train_steps: int = 10000  # 2000 generator updates at r = 5
+    learning_rate: float = 1e-4
+    train_batch_size: int = 256
     guidance_scale: float = 1.0
-    conditioning_timestep: int = 399
-    min_step: int = 20
-    max_step: int = 980
-    # stage 1
-    stage1_steps: int = 500
-    stage1_lr: float = 1e-4
-    num_nodes: int = 5
-    node_spacing: str = "uniform"  # uniform | log | interval
-    node_kind: str = "full"  # full | lora
-    lora_rank: int = 8
-    # stage 2
-    switch_interval: int = 100
-    switch_rule: str = "fixed"  # fixed | adaptive
-    switch_threshold: float = 0.5
-    fake_init: str = "last_node"  # last_node | teacher (DisBack only; dmd always starts from the teacher)
-    # CFG on intermediate nodes: node | teacher (the recorded digits runs' default) | none (measured best on digits)
-    intermediate_cfg: str = "teacher"
-    eval_every: int = 100
-    seed: int = 0
+    degradation_steps: int = 500
+    num_path_nodes: int | None = 5
+    path_lora_rank: int = 8
+    backtrack_interval: int = 500  # 100 generator updates at r = 5
+    intermediate_cfg: str = "teacher"  # what the recorded digits runs used; "none" measured best
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    adam_weight_decay: float = 0.0
+    max_grad_norm: float = 0.0
 
 
 @dataclass
@@ -191,6 +194,32 @@ def _make_generator(teacher: EpsMLP, cfg: DistillConfig) -> EpsMLP:
     return gen.train().requires_grad_(True)
 
 
+def record_path(
+    directory: str,
+    teacher: EpsMLP,
+    generate: Callable[[torch.Tensor, object], torch.Tensor],
+    schedule: NoiseSchedule,
+    cfg: DistillConfig,
+    next_batch: Callable[[], tuple[object, torch.Tensor]],
+    rng: torch.Generator,
+) -> DegradationPath:
+    """Stage 1 through the library's [`DegradationStep`]: `cfg.degradation_steps` steps, a node at each of
+    `cfg.node_steps()`."""
+    degrading = copy.deepcopy(teacher).requires_grad_(False)
+    lora = lora_config(cfg.path_lora_rank, LORA_TARGETS) if cfg.path_node_type == "lora" else None
+    params = make_trainable(degrading, lora, adapter_name=LORA_ADAPTER)
+    path = DegradationPath.create(directory, teacher, kind=cfg.path_node_type, lora_config=lora)
+    optimizer = make_optimizer(params, cfg.degradation_learning_rate, cfg)
+    update = OptimizerUpdate({"degrading": optimizer}, {"degrading": params}, cfg.max_grad_norm)
+    step = DegradationStep(generate, Score(degrading, schedule), update, rng)
+    steps_at = cfg.node_steps()
+    for i in range(1, cfg.degradation_steps + 1):
+        step(next_batch())
+        if i in steps_at:
+            path.add_node(degrading, i)
+    return path
+
+
 def run_distillation(
     teacher: EpsMLP,
     schedule: NoiseSchedule,
@@ -200,7 +229,8 @@ def run_distillation(
     uncond=None,
 ) -> History:
     """
-    Runs one method end to end and evaluates the generator every `eval_every` generator updates.
+    Runs one method end to end through the library's training steps ([`DegradationStep`], [`BacktrackingStep`]:
+    the SDXL script's) and evaluates the generator every `eval_steps` stage-2 iterations.
 
     Args:
         sample_cond: `(batch_size, generator) -> cond` for training batches (labels, or None).
@@ -209,142 +239,120 @@ def run_distillation(
     """
     if cfg.method not in ("dmd", "disback", "warm"):
         raise ValueError(f"method must be dmd, disback or warm, got {cfg.method!r}")
-    g = torch.Generator().manual_seed(cfg.seed)
+    rng = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     generator = _make_generator(teacher, cfg)
     history = History(config=asdict(cfg))
 
-    def gen_fn(noise, cond):
-        return one_step_sample(generator, noise, cond, schedule, cfg.conditioning_timestep)
+    def generate(z, cond):
+        return one_step_sample(generator, z, cond, schedule, cfg.conditioning_timestep)
 
-    def evaluate_now(gen_updates: int, iterations: int, seconds: float, target_node: int):
+    def next_batch():
+        cond = sample_cond(cfg.train_batch_size, rng)
+        return cond, torch.randn(cfg.train_batch_size, teacher.dim, generator=rng)
+
+    def evaluate_now(iterations: int, seconds: float, target_node: int):
         generator.eval()
         with torch.no_grad():
-            metrics = evaluate(lambda noise, cond: gen_fn(noise, cond))
+            metrics = evaluate(generate)
         generator.train()
-        history.rows.append(
-            {
-                "generator_updates": gen_updates,
-                "iterations": iterations,
-                "seconds": seconds,
-                "target_node": target_node,
-                **metrics,
-            }
-        )
+        row = {
+            "generator_updates": generator_updates(iterations, cfg.fake_score_update_ratio),
+            "iterations": history.stage1_iterations + iterations,
+            "seconds": seconds,
+            "target_node": target_node,
+        }
+        history.rows.append({**row, **metrics})
 
     # ---------------------------------------------------------------- stage 1: degradation recording
     workdir = tempfile.TemporaryDirectory(prefix="disback-path-")
-    path = None
     start = time.perf_counter()
+    path = None
     if cfg.method in ("disback", "warm"):
-        degrading = copy.deepcopy(teacher).requires_grad_(False)
-        if cfg.node_kind == "lora":
-            from peft import LoraConfig
-
-            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=LORA_TARGETS)
-            add_lora_adapter(degrading, lora)
-            params = lora_parameters(degrading)
-            for p in params:
-                p.requires_grad_(True)
-        else:
-            lora = None
-            degrading.requires_grad_(True)
-            params = list(degrading.parameters())
-        path = DegradationPath.create(workdir.name, teacher, kind=cfg.node_kind, lora_config=lora)
-        opt1 = torch.optim.AdamW(params, lr=cfg.stage1_lr, weight_decay=0.0)
-        if cfg.node_spacing == "interval":
-            steps_at = node_steps(cfg.stage1_steps, interval=max(1, cfg.stage1_steps // cfg.num_nodes))
-        else:
-            steps_at = node_steps(cfg.stage1_steps, num_nodes=cfg.num_nodes, spacing=cfg.node_spacing)
-        history.node_steps = steps_at
-        degrading_score = Score(degrading, schedule)
-        for step in range(1, cfg.stage1_steps + 1):
-            cond = sample_cond(cfg.batch_size, g)
-            with torch.no_grad():
-                x0 = gen_fn(torch.randn(cfg.batch_size, teacher.dim, generator=g), cond)
-            loss = denoising_score_matching_loss(degrading_score, x0, cond, generator=g)  # Eq. 7
-            opt1.zero_grad(set_to_none=True)
-            loss.backward()
-            opt1.step()
-            if step in steps_at:
-                path.add_node(degrading, step)
-        history.stage1_iterations = cfg.stage1_steps
-        del degrading, opt1
+        path = record_path(workdir.name, teacher, generate, schedule, cfg, next_batch, rng)
+        history.node_steps = [n.step for n in path.nodes[1:]]
+        history.stage1_iterations = cfg.degradation_steps
     history.stage1_seconds = time.perf_counter() - start
 
     # ---------------------------------------------------------------- stage 2: backtracking (or plain DMD)
     teacher_score = Score(teacher, schedule, uncond=uncond)
-    if cfg.method == "dmd":
-        fake = copy.deepcopy(teacher)
-        schedule_ = BacktrackingSchedule(num_nodes=1, interval=cfg.switch_interval)
-        switcher = None
-    else:
-        target_model = copy.deepcopy(teacher).requires_grad_(False)
-        switcher = NodeSwitcher(path, target_model, teacher=teacher)
-        last = len(path) - 1
-        if cfg.method == "disback" and cfg.fake_init == "teacher":
-            fake = copy.deepcopy(teacher)
-        else:  # s_phi <- R[0], the most degraded node
-            fake = copy.deepcopy(teacher)
-            fake.load_state_dict(path.merged_state_dict(teacher, last))
-        nodes = 1 if cfg.method == "warm" else len(path)
-        schedule_ = BacktrackingSchedule(
-            num_nodes=nodes,
-            interval=cfg.switch_interval,
-            rule=cfg.switch_rule,
-            threshold=cfg.switch_threshold,
-        )
-    fake = fake.train().requires_grad_(True)
-    fake_score = Score(fake, schedule)
-    opt_fake = torch.optim.AdamW(fake.parameters(), lr=cfg.lr_fake, weight_decay=0.0)
-    opt_gen = torch.optim.AdamW(generator.parameters(), lr=cfg.lr_generator, weight_decay=0.0)
+    fake = copy.deepcopy(teacher)
+    switcher, num_nodes = None, 1
+    if cfg.method != "dmd":
+        switcher = NodeSwitcher(path, copy.deepcopy(teacher).requires_grad_(False), teacher=teacher)
+        if cfg.method == "warm" or cfg.fake_score_init == "last_node":  # s_phi <- R[0], the most degraded node
+            fake.load_state_dict(path.merged_state_dict(teacher, len(path) - 1))
+        num_nodes = 1 if cfg.method == "warm" else len(path)
+    seconds = [history.stage1_seconds]
+    clock = [time.perf_counter()]
 
-    iterations = history.stage1_iterations
-    train_seconds = history.stage1_seconds
-    gen_updates = 0
-    evaluate_now(0, iterations, train_seconds, schedule_.target_node if schedule_.num_nodes > 1 else 0)
-    r = cfg.fake_updates_per_generator_update
-    while gen_updates < cfg.generator_updates:
-        t0 = time.perf_counter()
-        for _ in range(r):  # (a) the fake score tracks the generator (Eq. 7 on detached samples)
-            cond = sample_cond(cfg.batch_size, g)
-            with torch.no_grad():
-                x0 = gen_fn(torch.randn(cfg.batch_size, teacher.dim, generator=g), cond)
-            loss_fake = denoising_score_matching_loss(fake_score, x0, cond, generator=g)
-            opt_fake.zero_grad(set_to_none=True)
-            loss_fake.backward()
-            opt_fake.step()
-            iterations += 1
-        # (b) the generator moves toward the current target (Eq. 8)
-        cond = sample_cond(cfg.batch_size, g)
-        x0 = gen_fn(torch.randn(cfg.batch_size, teacher.dim, generator=g), cond)
-        target, w = target_score(
-            schedule_, switcher.activate if switcher else None, teacher_score, cfg.guidance_scale, cfg.intermediate_cfg
-        )
-        fake.eval()
-        loss_gen, info = distribution_matching_step(
-            x0,
-            cond,
-            target,
-            fake_score,
-            guidance_scale=w,
-            min_step=cfg.min_step,
-            max_step=cfg.max_step,
-            generator=g,
-        )
-        fake.train()
-        opt_gen.zero_grad(set_to_none=True)
-        loss_gen.backward()
-        opt_gen.step()
-        gen_updates += 1
-        schedule_.step(distance=float(info["dm_distance"]))
-        train_seconds += time.perf_counter() - t0
-        if gen_updates % cfg.eval_every == 0 or gen_updates == cfg.generator_updates:
-            evaluate_now(
-                gen_updates, iterations, train_seconds, schedule_.target_node if schedule_.num_nodes > 1 else 0
-            )
+    def after_iteration(done: int, backtracking: BacktrackingSchedule):
+        seconds[0] += time.perf_counter() - clock[0]
+        if done % cfg.eval_steps == 0 or done == cfg.max_train_steps:
+            evaluate_now(done, seconds[0], backtracking.target_node if backtracking.num_nodes > 1 else 0)
+        clock[0] = time.perf_counter()
+
+    evaluate_now(0, seconds[0], (num_nodes - 2) if num_nodes > 1 else 0)
+    clock[0] = time.perf_counter()
+    backtrack(generator, generate, fake, lambda cond: teacher_score, switcher, num_nodes, schedule, cfg, next_batch,
+              rng, after_iteration)  # fmt: skip
     workdir.cleanup()
     return history
+
+
+def backtrack(
+    generator: nn.Module,
+    generate: Callable[[torch.Tensor, object], torch.Tensor],
+    fake: nn.Module,
+    teacher: Callable[[object], Score],
+    switcher: NodeSwitcher | None,
+    num_nodes: int,
+    schedule: NoiseSchedule,
+    cfg: DisBackConfig,
+    next_batch: Callable[[], tuple[object, torch.Tensor]],
+    rng: torch.Generator,
+    after_iteration: Callable[[int, BacktrackingSchedule], None] | None = None,
+    eps_fn: Callable[[nn.Module], Callable] = lambda net: net,
+) -> BacktrackingSchedule:
+    """
+    Stage 2 through the library's [`BacktrackingStep`], in plain PyTorch (AdamW, clipping and LR schedules from
+    `cfg`): `cfg.max_train_steps` iterations; `after_iteration(done, schedule)` after each. Network-agnostic:
+    `teacher(cond)` gives the teacher's score for a batch, `eps_fn(net)` makes a network an eps callable (identity
+    for the toy MLPs; `training.unet_eps_fn` for SDXL UNets, which is how a test runs this on the SDXL script's
+    inputs and gets the script's weights).
+    """
+    backtracking = BacktrackingSchedule.from_config(cfg, num_nodes)
+    params = {"generator": [p for p in generator.parameters() if p.requires_grad], "fake_score": make_trainable(fake)}
+    optimizers = {
+        "generator": make_optimizer(params["generator"], cfg.learning_rate, cfg),
+        "fake_score": make_optimizer(params["fake_score"], cfg.fake_learning_rate, cfg),
+    }
+    lr_schedulers = [make_lr_scheduler(opt, cfg, cfg.max_train_steps) for opt in optimizers.values()]
+    min_step, max_step = cfg.timestep_range(schedule.num_train_timesteps)
+
+    def node_eps(index):
+        return eps_fn(switcher.activate(index))
+
+    step = BacktrackingStep(
+        generator=generate,
+        fake_score=Score(eps_fn(fake), schedule),
+        target=lambda cond: target_score(
+            backtracking, node_eps, teacher(cond), cfg.guidance_scale, cfg.intermediate_cfg
+        ),
+        schedule=backtracking,
+        update=OptimizerUpdate(optimizers, params, cfg.max_grad_norm),
+        rng=rng,
+        fake_score_update_ratio=cfg.fake_score_update_ratio,
+        min_step=min_step,
+        max_step=max_step,
+    )
+    for iteration in range(cfg.max_train_steps):
+        step(iteration, next_batch())
+        for lr_scheduler in lr_schedulers:
+            lr_scheduler.step()
+        if after_iteration is not None:
+            after_iteration(iteration + 1, backtracking)
+    return backtracking
 
 
 # ---------------------------------------------------------------------------------------------------- metrics

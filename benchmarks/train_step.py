@@ -1,11 +1,11 @@
 """Cost of one DisBack training iteration against the sum of the passes it is made of, and peak memory.
 
-One stage-2 iteration (`r = 1`, so both updates run every iteration), written with the same calls as
-`examples/train_disback/train_disback_sdxl.py` (`distill` losses on `training.unet_eps_fn` scores, AdamW, grad-norm
-clipping, the backtracking schedule), is timed against the same work done as bare passes: text encoding, the
-generator's forward without grad, the fake score's forward + backward + step, the generator's forward with grad, the
-target's two CFG passes and the fake score's pass without grad, and the generator's backward + step. The ratio is
-the overhead of the library's glue (goal: <= 1.10x). Both are measured interleaved in one process.
+One stage-2 iteration (`r = 1`, so both updates run every iteration) through the library's `BacktrackingStep`, the
+step `examples/train_disback/train_disback_sdxl.py` runs (on `training.unet_eps_fn` scores, AdamW, grad-norm
+clipping, the teacher held in the compute dtype outside autocast), is timed against the same work done as bare
+passes: text encoding, the generator's forward with grad, the target's two CFG passes and the fake score's pass
+without grad, the generator's backward + step, and the fake score's forward + backward + step on the same samples.
+The ratio is the overhead of the library's glue (goal: <= 1.10x). Both are measured interleaved in one process.
 
     python benchmarks/train_step.py                        # tiny components, CPU
     python benchmarks/train_step.py --quick                # a few repeats (test suite)
@@ -28,10 +28,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from diffusers_disback.distill import (  # noqa: E402
     BacktrackingSchedule,
+    BacktrackingStep,
     NoiseSchedule,
+    OptimizerUpdate,
     Score,
-    denoising_score_matching_loss,
-    distribution_matching_step,
     one_step_sample,
 )
 from diffusers_disback.testing import get_sdxl_components  # noqa: E402
@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="also time the iteration's two phases against their passes, and print torch.profiler's top ops",
+        help="also print torch.profiler's top ops for one iteration and one round of passes",
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -100,35 +100,27 @@ def main(argv=None) -> dict:
     prompts = (PROMPTS * args.batch_size)[: args.batch_size]
     noise_gen = torch.Generator().manual_seed(0)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    g_eps, f_eps, t_eps = unet_eps_fn(generator), unet_eps_fn(fake), unet_eps_fn(teacher)
+    g_eps, f_eps = unet_eps_fn(generator), unet_eps_fn(fake)
+    t_eps = unet_eps_fn(teacher, autocast=False)  # frozen, held in the compute dtype: no autocast casts, as the script
     f_eps_fp32 = unet_eps_fn(fake, autocast=False)  # the fake score's DM pass runs in fp32, as in the script
-    backtracking = BacktrackingSchedule(num_nodes=1)
+    params = {"generator": list(generator.parameters()), "fake_score": list(fake.parameters())}
+    step = BacktrackingStep(
+        generator=lambda z, cond: one_step_sample(g_eps, z, cond, schedule),
+        fake_score=Score(f_eps, schedule),
+        target=lambda cond: (Score(t_eps, schedule, uncond=SDXLConditioner.uncond(cond)), 8.0),
+        schedule=BacktrackingSchedule(num_nodes=1),
+        update=OptimizerUpdate({"generator": opt_g, "fake_score": opt_f}, params, max_grad_norm=10.0),
+        rng=noise_gen,
+        fake_score_update_ratio=1,
+        autocast=lambda: autocast,
+        fake_score_dm=Score(f_eps_fp32, schedule),
+    )
 
-    def iteration(mark=lambda name: None):
-        """What the script does per iteration with r = 1, through the library. `mark` ends a phase (profiling)."""
+    def iteration():
+        """What the script does per iteration with r = 1: the library's `BacktrackingStep` on a fresh batch."""
         cond = conditioner(prompts, device)
         z = torch.randn(shape, generator=noise_gen).to(device)
-        with torch.no_grad(), autocast:
-            x0 = one_step_sample(g_eps, z, cond, schedule)
-        with autocast:
-            loss_f = denoising_score_matching_loss(Score(f_eps, schedule), x0, cond, generator=noise_gen)
-        loss_f.backward()
-        torch.nn.utils.clip_grad_norm_(fake.parameters(), 10.0)
-        opt_f.step()
-        opt_f.zero_grad(set_to_none=True)
-        mark("text + generator sample + fake score update")
-        target = Score(t_eps, schedule, uncond=SDXLConditioner.uncond(cond))
-        with autocast:
-            x0 = one_step_sample(g_eps, z, cond, schedule)
-            loss_g, info = distribution_matching_step(
-                x0, cond, target, Score(f_eps_fp32, schedule), guidance_scale=8.0, generator=noise_gen
-            )
-        loss_g.backward()
-        torch.nn.utils.clip_grad_norm_(generator.parameters(), 10.0)
-        opt_g.step()
-        opt_g.zero_grad(set_to_none=True)
-        backtracking.step(distance=float(info["dm_distance"]))
-        mark("generator sample (grad) + DM step + generator update")
+        step(0, (cond, z))
 
     def passes() -> dict:
         """The same work as bare passes, each timed on its own."""
@@ -152,16 +144,6 @@ def main(argv=None) -> dict:
             with autocast:
                 return eps(z, ts, c)
 
-        with torch.no_grad():
-            timed("generator forward (no grad)", lambda: fwd(g_eps, cond, t))
-
-        def fake_update():
-            fwd(f_eps, cond, tt).pow(2).mean().backward()
-            torch.nn.utils.clip_grad_norm_(fake.parameters(), 10.0)
-            opt_f.step()
-            opt_f.zero_grad(set_to_none=True)
-
-        timed("fake score forward + backward + step", fake_update)
         out = timed("generator forward (grad)", lambda: fwd(g_eps, cond, t))
         with torch.no_grad():
             timed("teacher forward x2 (CFG)", lambda: (fwd(t_eps, cond, tt), fwd(t_eps, uncond, tt)))
@@ -173,7 +155,14 @@ def main(argv=None) -> dict:
             opt_g.step()
             opt_g.zero_grad(set_to_none=True)
 
+        def fake_update():
+            fwd(f_eps, cond, tt).pow(2).mean().backward()
+            torch.nn.utils.clip_grad_norm_(fake.parameters(), 10.0)
+            opt_f.step()
+            opt_f.zero_grad(set_to_none=True)
+
         timed("generator backward + step", gen_update)
+        timed("fake score forward + backward + step", fake_update)
         return times
 
     iteration()  # warm-up: optimizer states, kernels, allocations
@@ -189,7 +178,7 @@ def main(argv=None) -> dict:
         it_times.append(time.perf_counter() - start)
         pass_times.append(passes())
     if args.profile:
-        profile(iteration, passes, device, args.repeats)
+        profile(iteration, passes, device)
     it = statistics.median(it_times) * 1000
     parts = {k: statistics.median(p[k] for p in pass_times) * 1000 for k in pass_times[0]}
     total = sum(parts.values())
@@ -212,33 +201,8 @@ def main(argv=None) -> dict:
     return {"iteration_ms": it, "passes_ms": total, "ratio": it / total, "peak_gib": peak, "parts": parts}
 
 
-def profile(iteration, passes, device, repeats: int):
-    """Phase times of the iteration (synchronised at each phase's end) against the passes that phase is made of,
-    then torch.profiler's top ops for one iteration and for one round of passes."""
-    phases: dict[str, list[float]] = {}
-    pass_rounds = []
-    last = [0.0]
-
-    def mark(name):
-        _sync(device)
-        now = time.perf_counter()
-        phases.setdefault(name, []).append(now - last[0])
-        last[0] = now
-
-    for _ in range(repeats):
-        _sync(device)
-        last[0] = time.perf_counter()
-        iteration(mark)
-        pass_rounds.append(passes())
-    first = ("text encoders", "generator forward (no grad)", "fake score forward + backward + step")
-    print("\niteration phases (synchronised) against their passes, medians")
-    print("| phase | iteration ms | passes ms | ratio |")
-    print("| --- | ---: | ---: | ---: |")
-    for i, (name, times) in enumerate(phases.items()):
-        keys = [k for k in pass_rounds[0] if (k in first) == (i == 0)]
-        p = statistics.median(sum(r[k] for k in keys) for r in pass_rounds) * 1000
-        t = statistics.median(times) * 1000
-        print(f"| {name} | {t:.1f} | {p:.1f} | {t / p:.3f}x |")
+def profile(iteration, passes, device):
+    """torch.profiler's top ops for one iteration and for one round of passes."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     sort = "self_cpu_time_total"
     if device.type == "cuda":

@@ -135,7 +135,7 @@ def test_gan_losses_hand_computed():
 
 
 def test_fixed_schedule_walks_back_and_holds_the_teacher():
-    s = BacktrackingSchedule(num_nodes=4, interval=3)  # P_3 (fake init), targets P_2, P_1, P_0 = teacher
+    s = BacktrackingSchedule(num_nodes=4, backtrack_interval=3)  # P_3 (fake init), targets P_2, P_1, P_0 = teacher
     seen = [s.target_node]
     for _ in range(15):
         s.step()
@@ -147,45 +147,63 @@ def test_fixed_schedule_walks_back_and_holds_the_teacher():
 
 
 def test_schedule_resume_mid_path_equals_uninterrupted():
-    full = BacktrackingSchedule(num_nodes=11, interval=100)
+    full = BacktrackingSchedule(num_nodes=11, backtrack_interval=100)
     for _ in range(1234):
         full.step()
-    first = BacktrackingSchedule(num_nodes=11, interval=100)
+    first = BacktrackingSchedule(num_nodes=11, backtrack_interval=100)
     for _ in range(567):
         first.step()
     state = json.loads(json.dumps(first.state_dict()))  # survives a JSON checkpoint
-    resumed = BacktrackingSchedule(num_nodes=11, interval=100)
+    resumed = BacktrackingSchedule(num_nodes=11, backtrack_interval=100)
     resumed.load_state_dict(state)
     for _ in range(1234 - 567):
         resumed.step()
     assert resumed.state_dict() == full.state_dict()
     assert full.target == BacktrackingSchedule.fixed_target_at(11, 100, 1234) == 10
     with pytest.raises(ValueError, match="num_nodes"):
-        BacktrackingSchedule(num_nodes=5, interval=100).load_state_dict(state)
+        BacktrackingSchedule(num_nodes=5, backtrack_interval=100).load_state_dict(state)
 
 
 def test_dmd_and_warm_are_special_cases():
-    dmd = BacktrackingSchedule(num_nodes=1, interval=10)
+    dmd = BacktrackingSchedule(num_nodes=1, backtrack_interval=10)
     assert dmd.at_teacher and dmd.target_node == 0
-    warm = BacktrackingSchedule(num_nodes=2, interval=10)  # fake at the last node, target the teacher at once
+    warm = BacktrackingSchedule(
+        num_nodes=2, backtrack_interval=10
+    )  # fake at the last node, target the teacher at once
     assert warm.at_teacher and warm.target_node == 0
 
 
 def test_adaptive_rule_advances_when_caught_up():
-    s = BacktrackingSchedule(num_nodes=3, interval=1000, rule="adaptive", threshold=0.5, min_interval=2, ema=0.0)
+    s = BacktrackingSchedule(
+        num_nodes=3,
+        backtrack_interval=1000,
+        backtrack_rule="adaptive",
+        backtrack_threshold=0.5,
+        min_interval=2,
+        ema=0.0,
+    )
     assert not s.step(distance=1.0)  # reference distance 1.0
     assert not s.step(distance=0.8)
     assert s.step(distance=0.4)  # below half of the reference after >= 2 steps
     assert s.target_node == 0 and s.steps == 3
-    capped = BacktrackingSchedule(num_nodes=3, interval=5, rule="adaptive", ema=0.0)
+    capped = BacktrackingSchedule(num_nodes=3, backtrack_interval=5, backtrack_rule="adaptive", ema=0.0)
     for _ in range(5):
         capped.step(distance=1.0)  # never catches up: the interval still bounds the time on a node
     assert capped.target_node == 0
     # iterations without a generator update carry no distance: they count toward the interval and nothing else
-    sparse = BacktrackingSchedule(num_nodes=3, interval=1000, rule="adaptive", threshold=0.5, min_interval=4, ema=0.0)
+    sparse = BacktrackingSchedule(
+        num_nodes=3,
+        backtrack_interval=1000,
+        backtrack_rule="adaptive",
+        backtrack_threshold=0.5,
+        min_interval=4,
+        ema=0.0,
+    )
     moved = [sparse.step(distance=d) for d in (1.0, None, None, 0.4)]
     assert moved == [False, False, False, True] and sparse.steps == 4
-    assert not BacktrackingSchedule(num_nodes=3, interval=3, rule="adaptive").step()  # no signal yet: no advance
+    assert not BacktrackingSchedule(
+        num_nodes=3, backtrack_interval=3, backtrack_rule="adaptive"
+    ).step()  # no signal yet: no advance
 
 
 def test_schedule_refuses_a_checkpoint_that_counted_generator_updates():
@@ -325,10 +343,10 @@ def test_full_switcher_caches_and_returns_the_teacher_for_node_zero(tmp_path):
 
 
 def test_node_steps():
-    assert node_steps(1000, interval=100) == list(range(100, 1001, 100))
-    assert node_steps(1000, interval=300) == [300, 600, 900, 1000]  # the last step always ends the path
-    assert node_steps(500, num_nodes=5, spacing="uniform") == [100, 200, 300, 400, 500]
-    assert node_steps(500, num_nodes=5, spacing="log") == [3, 12, 42, 144, 500]
+    assert node_steps(1000, path_interval=100) == list(range(100, 1001, 100))
+    assert node_steps(1000, path_interval=300) == [300, 600, 900, 1000]  # the last step always ends the path
+    assert node_steps(500, num_path_nodes=5, path_node_spacing="uniform") == [100, 200, 300, 400, 500]
+    assert node_steps(500, num_path_nodes=5, path_node_spacing="log") == [3, 12, 42, 144, 500]
     with pytest.raises(ValueError, match="exactly one"):
         node_steps(10)
 
@@ -356,7 +374,7 @@ def test_target_score_guides_the_teacher_and_chooses_cfg_on_nodes():
     node_out = {1: 5.0}
     node_eps = lambda i: lambda x, t, c: x * 0 + (node_out[i] if c == "c" else 4.0)  # noqa: E731
     x, t = torch.zeros(1, 2), torch.tensor([10])
-    schedule = BacktrackingSchedule(num_nodes=3, interval=10)  # target P1 first
+    schedule = BacktrackingSchedule(num_nodes=3, backtrack_interval=10)  # target P1 first
     expected = {"none": (5.0, 1.0), "node": (4.0 + 3 * (5.0 - 4.0), 3.0), "teacher": (1.0 + 3 * (5.0 - 1.0), 3.0)}
     for cfg, (eps, w) in expected.items():
         score, scale = target_score(schedule, node_eps, teacher, 3.0, cfg)

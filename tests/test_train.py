@@ -71,7 +71,7 @@ def test_both_stages_end_to_end(uninterrupted):
     a, b = path.node_state_dict(1), path.node_state_dict(2)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the path moved
     state = json.loads((out / "checkpoints" / "checkpoint-10" / "run_state.json").read_text())
-    assert state["stage_step"] == 6 and state["schedule"]["target"] == 2  # walked back to the teacher
+    assert state["stage_step"] == 6 and state["backtracking"]["target"] == 2  # walked back to the teacher
     pipe = DisBackPipeline.from_pretrained(out / "final")
     image = pipe("a cat", generator=torch.Generator().manual_seed(0), output_type="np").images
     assert image.shape == (1, 64, 64, 3)
@@ -83,15 +83,16 @@ def test_both_stages_end_to_end(uninterrupted):
     assert "| path_nodes | 2 |" in card and "| generator_updates | 3 |" in card
     assert (out / "validation" / "step-00000007.png").is_file()  # stage-2 step 3 = global step 7
     assert any(f.startswith("events.out.tfevents") for _, _, files in os.walk(out / "logs") for f in files)
-    # K2 and the generator's warm-up count stage-2 iterations, as the reference does. Generator updates come at
-    # iterations 2, 4, 6 (global steps 6, 8, 10): the target is P1 for iterations 1-2 and the teacher (P0) from
-    # iteration 3 on (counted in generator updates: P1, P1, P0); the LR after 1, 3, 5 warm-up iterations of 4 is
-    # 1/4, 3/4, 1 of 1e-4 (counted in generator updates: 0, 1/4, 2/4)
-    assert _scalars(out, "backtracking/target_node") == [(6, 1.0), (8, 0.0), (10, 0.0)]
+    # K2 and the generator's warm-up count stage-2 iterations, as the reference does, and the generator is updated
+    # first, on iterations 0, 2, 4 (global steps 5, 7, 9; docs/method.md, "The update order"): the target is P1 for
+    # iterations 0-1 and the teacher (P0) from iteration 2 on; the LR after 0, 2, 4 warm-up iterations of 4 is
+    # 0, 1/2, 1 of 1e-4 (the reference's first generator update also runs at the warm-up's LR 0)
+    assert _scalars(out, "backtracking/target_node") == [(5, 1.0), (7, 0.0), (9, 0.0)]
     lrs = _scalars(out, "backtracking/lr")
-    assert [s for s, _ in lrs] == [6, 8, 10] and [v for _, v in lrs] == pytest.approx([0.25e-4, 0.75e-4, 1e-4])
+    assert [s for s, _ in lrs] == [5, 7, 9] and [v for _, v in lrs] == pytest.approx([0.0, 0.5e-4, 1e-4])
+    assert len(_scalars(out, "backtracking/fake_loss")) == 6  # the fake score: every iteration
     # the blank line in the prompt file was counted and skipped, not trained on
-    assert json.loads((out / "checkpoints" / "checkpoint-10" / "data_0.json").read_text())["skipped"] >= 1
+    assert json.loads((out / "checkpoints" / "checkpoint-10" / "data_0.json").read_text())["prompts"]["skipped"] >= 1
 
 
 def _kill_when(cmd, marker: str, timeout: float = 300):
@@ -277,3 +278,15 @@ def test_in_training_evaluation_logs_fid_and_clip(teacher, tmp_path):
 
     no_data = _run(_cmd(teacher, tmp_path / "bad", "--eval_steps", "2"))
     assert no_data.returncode != 0 and "--eval_steps needs --eval_dataset" in no_data.stderr
+
+
+def test_compile_gives_the_uncompiled_weights(teacher, uninterrupted, tmp_path):
+    """`--compile` runs both stages with every UNet compiled in place. CI uses the `aot_eager` backend (dynamo's
+    graph capture and AOT autograd, without inductor's C++ build, which takes minutes per graph on two CPU cores);
+    `--compile` alone means inductor (docs/benchmarks.md)."""
+    out = tmp_path / "compiled"
+    proc = _run(_cmd(teacher, out, "--compile", "aot_eager"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected, got = _final_unet(uninterrupted[0]), _final_unet(out)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-6, msg=k)

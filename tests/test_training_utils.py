@@ -2,17 +2,23 @@
 
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
 
+from diffusers_disback.distill import DisBackConfig, lora_config, make_optimizer, make_trainable
 from diffusers_disback.testing import get_sdxl_components
 from diffusers_disback.training import (
+    SDXL_LORA_TARGETS,
     BackgroundPusher,
     EmptyStreamError,
     PromptStream,
     RunState,
     SDXLConditioner,
+    plan_resume,
+    prepare_trainable,
+    save_checkpoint,
     unet_eps_fn,
 )
 
@@ -24,6 +30,7 @@ def _script():
         "train_disback_sdxl", os.path.join(ROOT, "examples", "train_disback", "train_disback_sdxl.py")
     )
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the script's annotations through sys.modules
     spec.loader.exec_module(module)
     return module
 
@@ -96,7 +103,7 @@ def test_conditioner_equals_the_pipeline_encoding():
 
 
 def test_run_state_round_trip():
-    s = RunState(stage="backtracking", stage_step=7, global_step=17, schedule={"target": 2})
+    s = RunState(stage="backtracking", stage_step=7, global_step=17, backtracking={"target": 2})
     t = RunState()
     t.load_state_dict(s.state_dict())
     assert t == s
@@ -231,7 +238,6 @@ def test_failed_checkpoint_write_stops_the_run_and_keeps_the_last_good_one(tmp_p
     from accelerate import PartialState
 
     PartialState()
-    script = _script()
     good = tmp_path / "checkpoints" / "checkpoint-2"
     good.mkdir(parents=True)
     (good / "run_state.json").write_text("{}")
@@ -249,17 +255,8 @@ def test_failed_checkpoint_write_stops_the_run_and_keeps_the_last_good_one(tmp_p
         save_state=full_disk,
         gather=lambda t: t,
     )
-    run = types.SimpleNamespace(
-        accelerator=acc,
-        args=types.SimpleNamespace(output_dir=str(tmp_path), checkpoints_total_limit=None),
-        state=RunState(global_step=4),
-        noise=torch.Generator(),
-        stream=None,
-        real=None,
-        pusher=None,
-    )
     with pytest.raises(RuntimeError, match=r"No space left on device.*last good checkpoint is .*checkpoint-2"):
-        script.Run.save_checkpoint(run)
+        save_checkpoint(acc, str(tmp_path), RunState(global_step=4), torch.Generator(), {"prompts": None})
     assert (good / "run_state.json").is_file()
     assert (
         not (tmp_path / "checkpoints" / "checkpoint-4.tmp").exists()
@@ -286,15 +283,13 @@ def test_trainable_weights_are_fp32_masters_and_move_at_the_sdxl_learning_rate(l
     """Under bf16 mixed precision the frozen base is bf16 but every trained weight is fp32, so AdamW steps of lr 5e-7
     change it (peft makes an adapter in its base layer's dtype; bf16 weights of size ~0.1 would round such steps
     away)."""
-    import types
 
     from diffusers_disback.distill import NoiseSchedule, Score, denoising_score_matching_loss
     from diffusers_disback.testing import get_tiny_unet
 
-    script = _script()
     unet = get_tiny_unet().to(torch.bfloat16 if not lora else torch.float32)  # full: even a bf16 copy gets fp32
-    config = script.lora_config(4) if lora else None
-    params = script.make_trainable(unet, config, torch.bfloat16, "generator")
+    config = lora_config(4, SDXL_LORA_TARGETS) if lora else None
+    params = make_trainable(unet, config, torch.bfloat16, "generator")
     assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
     trained = {id(p) for p in params}
     frozen = [p for p in unet.parameters() if id(p) not in trained]
@@ -302,10 +297,7 @@ def test_trainable_weights_are_fp32_masters_and_move_at_the_sdxl_learning_rate(l
         assert len(params) == 2 * sum("lora_A" in n for n, _ in unet.named_parameters())
         assert frozen and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in frozen)  # the base stays bf16
 
-    args = types.SimpleNamespace(
-        use_8bit_adam=False, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.01, adam_epsilon=1e-8
-    )
-    optimizer = script.make_optimizer(args, params, 5e-7)
+    optimizer = make_optimizer(params, 5e-7, DisBackConfig())  # the script's AdamW settings
     named = {n: p for n, p in unet.named_parameters() if id(p) in trained}
     watch = {n: p.detach().clone() for n, p in named.items() if ("lora_A" in n if lora else n.endswith("to_q.weight"))}
     score = Score(unet_eps_fn(unet), NoiseSchedule.ddpm())
@@ -358,7 +350,6 @@ def test_prepared_models_carry_no_hidden_autocast():
 
     from diffusers_disback.testing import get_tiny_unet
 
-    script = _script()
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
         acc = Accelerator(cpu=True, mixed_precision="bf16")
@@ -366,7 +357,7 @@ def test_prepared_models_carry_no_hidden_autocast():
         reference = get_tiny_unet().eval()
         opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-        model, _, _ = script.prepare_trainable(acc, unet, opt, sched)
+        model, _, _ = prepare_trainable(acc, unet, opt, sched)
         model.eval()
         x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([500, 900])
         with torch.no_grad():
@@ -399,3 +390,54 @@ def test_discriminator_head_follows_dmd2(size, strides):
     assert [c.stride[0] for c in convs] == strides and convs[-1].out_channels == 1
     assert sum(isinstance(m, torch.nn.GroupNorm) for m in head.modules()) == len(strides) - 1
     assert head(torch.randn(3, 64, size, size)).shape == (3,)
+
+
+def test_resume_plan_reads_the_checkpoint_once_and_never_changes(tmp_path):
+    import json
+
+    from accelerate import PartialState
+
+    from diffusers_disback.training import restore_checkpoint
+
+    PartialState()
+    assert plan_resume(None, str(tmp_path)).stages == ("degradation", "backtracking")
+    assert plan_resume("latest", str(tmp_path), "backtracking").checkpoint is None  # nothing saved yet: a fresh run
+
+    def checkpoint(step, state):
+        folder = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "run_state.json").write_text(json.dumps(state))
+        (folder / "data_0.json").write_text(json.dumps({"prompts": {"epoch": 0, "consumed": 5, "skipped": 1}}))
+        from safetensors.torch import save_file
+
+        save_file(
+            {"noise_rng": torch.Generator().manual_seed(step).get_state()}, str(folder / "noise_rng_0.safetensors")
+        )
+        return folder
+
+    checkpoint(2, {"stage": "degradation", "stage_step": 2, "global_step": 2, "backtracking": {}})
+    plan = plan_resume("latest", str(tmp_path))
+    assert plan.stages == ("degradation", "backtracking") and plan.path_truncation == 2
+    assert plan.resumes("degradation") and plan.restores_models("degradation") and not plan.resumes("backtracking")
+    with pytest.raises(ValueError, match="stage-1 checkpoint .* --stage degradation or --stage all"):
+        plan_resume("latest", str(tmp_path), "backtracking")
+    # the state a stage continues from is a copy: stage 1 moving on does not make the plan resume stage 2 again
+    acc = types_namespace(process_index=0, load_state=lambda path: None)
+    stream = PromptStream(data_files=_prompts(tmp_path, ["a", "b", "c"]), shuffle_buffer=0)
+    state = restore_checkpoint(acc, plan, "degradation", torch.Generator(), {"prompts": stream, "real": None})
+    assert stream.state_dict() == {"epoch": 0, "consumed": 5, "skipped": 1}
+    state.stage, state.stage_step = "backtracking", 0
+    assert plan.state.stage == "degradation" and not plan.resumes("backtracking")
+
+    checkpoint(4, {"stage": "backtracking", "stage_step": 0, "global_step": 4, "schedule": {}})  # older key name
+    plan = plan_resume("latest", str(tmp_path))
+    assert plan.stages == ("backtracking",) and plan.resumes("backtracking")
+    assert not plan.restores_models("backtracking")  # stage-1 models in it: stage 2 starts its own
+    with pytest.raises(FileNotFoundError, match="not a checkpoint of this script"):
+        plan_resume(str(tmp_path), str(tmp_path))
+
+
+def types_namespace(**kwargs):
+    import types
+
+    return types.SimpleNamespace(**kwargs)

@@ -1,20 +1,38 @@
-"""The DisBack method, model-agnostic: scores, losses, stage 1 (degradation path), stage 2 (backtracking schedule).
+"""The DisBack method, model-agnostic: scores, losses, stage 1 (degradation path), stage 2 (backtracking schedule),
+the training steps both stages run, the settings, and the LoRA helpers.
 
 Nothing in this package imports SDXL-specific code: a score is any epsilon-predicting callable `eps(x_t, t, cond)`.
 """
 
 from .backtracking import BacktrackingSchedule, target_score
+from .config import DisBackConfig, add_config_arguments
 from .degradation import (
-    LORA_ADAPTER,
     DegradationPath,
     NodeSwitcher,
     PathError,
     PathNode,
-    add_lora_adapter,
     architecture_fingerprint,
-    lora_parameters,
-    merge_lora,
     node_steps,
+)
+from .engine import (
+    BacktrackingStep,
+    DegradationStep,
+    GanTerm,
+    OptimizerUpdate,
+    generator_updates,
+    make_lr_scheduler,
+    make_optimizer,
+)
+from .lora import (
+    FAKE_SCORE_ADAPTER,
+    GENERATOR_ADAPTER,
+    LORA_ADAPTER,
+    add_lora_adapter,
+    lora_config,
+    lora_parameters,
+    lora_state_dict,
+    make_trainable,
+    merge_lora,
 )
 from .losses import (
     denoising_score_matching_loss,
@@ -27,14 +45,22 @@ from .losses import (
 from .scores import NoiseSchedule, Score, one_step_sample
 
 __all__ = [
+    "FAKE_SCORE_ADAPTER",
+    "GENERATOR_ADAPTER",
     "LORA_ADAPTER",
     "BacktrackingSchedule",
+    "BacktrackingStep",
     "DegradationPath",
+    "DegradationStep",
+    "DisBackConfig",
+    "GanTerm",
     "NodeSwitcher",
     "NoiseSchedule",
+    "OptimizerUpdate",
     "PathError",
     "PathNode",
     "Score",
+    "add_config_arguments",
     "add_lora_adapter",
     "architecture_fingerprint",
     "denoising_score_matching_loss",
@@ -43,7 +69,13 @@ __all__ = [
     "distribution_matching_step",
     "gan_discriminator_loss",
     "gan_generator_loss",
+    "generator_updates",
+    "lora_config",
     "lora_parameters",
+    "lora_state_dict",
+    "make_lr_scheduler",
+    "make_optimizer",
+    "make_trainable",
     "merge_lora",
     "node_steps",
     "one_step_sample",

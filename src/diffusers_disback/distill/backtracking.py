@@ -4,10 +4,9 @@ With the reversed path `R = [P_N, ..., P_1, P_0]` (`R[0]` the most degraded node
 starts at `R[0]` and the distribution-matching target starts at `R[1]`; every `K` training iterations the target moves
 one node toward the teacher, and once it is the teacher it stays there (paper Sec. 3.3, Alg. 1).
 
-The unit of `K` is the caller's: [`BacktrackingSchedule.step`] is called once per iteration of the loop. The released
-DisBack code counts loop iterations (one fake-score update each; the generator is updated every r-th), so its
-SDXL value K = 1000 is 200 generator updates at r = 5; the SDXL training script ticks the schedule the same way
-(docs/method.md, "Differences from the reference code").
+The unit of `K` is the loop iteration: [`BacktrackingSchedule.step`] is called once per stage-2 iteration (one
+fake-score update each; the generator is updated every r-th), as the released DisBack code counts, so its SDXL value
+K = 1000 is 200 generator updates at r = 5 (docs/method.md, "Differences from the reference code").
 
 The public reference loop compares its switch against the running step, so it fires at most once, and its pseudocode
 tests `idx // interval == 0` (true only while `idx < interval`) where `idx % interval == 0` was meant. Here the
@@ -31,13 +30,13 @@ class BacktrackingSchedule:
     Args:
         num_nodes: nodes in the path including the teacher (`N + 1`); 2 means "last node, then teacher" (the warm
             control), 1 means "teacher only" (plain DMD).
-        interval: `K`: calls to [`step`] per node (fixed rule; the adaptive rule's upper bound). The SDXL script
-            calls `step` once per stage-2 iteration, as the reference does: SDXL K = 1000 iterations.
-        rule: `"fixed"` (the paper: advance every `interval` steps) or `"adaptive"` (advance when the generator has
-            caught up with the current target: the distance reported to [`step`] fell below `threshold` times its
-            value when the target was set, after at least `min_interval` steps; and at the latest after `interval`
-            steps).
-        threshold: adaptive rule: the fraction of the initial distance at which the target advances.
+        backtrack_interval: `K`: calls to [`step`] per node (fixed rule; the adaptive rule's upper bound). The
+            training steps call `step` once per stage-2 iteration, as the reference does: SDXL K = 1000 iterations.
+        backtrack_rule: `"fixed"` (the paper: advance every `interval` steps) or `"adaptive"` (advance when the generator has
+            caught up with the current target: the distance reported to [`step`] fell below `backtrack_threshold` times its
+            value when the target was set, after at least `min_interval` steps; and at the latest after
+            `backtrack_interval` steps).
+        backtrack_threshold: adaptive rule: the fraction of the initial distance at which the target advances.
         min_interval: adaptive rule: the least steps spent on a node.
         ema: adaptive rule: smoothing of the reported distance (weight of the history).
 
@@ -46,7 +45,7 @@ class BacktrackingSchedule:
 
     Example:
         ```py
-        >>> schedule = BacktrackingSchedule(num_nodes=11, interval=1000)
+        >>> schedule = BacktrackingSchedule(num_nodes=11, backtrack_interval=1000)
         >>> schedule.target_node   # P_9: one step back from the most degraded node P_10
         9
         >>> for _ in range(10_000):
@@ -57,9 +56,9 @@ class BacktrackingSchedule:
     """
 
     num_nodes: int
-    interval: int = 1000
-    rule: str = "fixed"
-    threshold: float = 0.5
+    backtrack_interval: int = 1000
+    backtrack_rule: str = "fixed"
+    backtrack_threshold: float = 0.5
     min_interval: int = 1
     ema: float = 0.9
     # state
@@ -72,14 +71,24 @@ class BacktrackingSchedule:
     def __post_init__(self):
         if self.num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1 (the teacher alone is 1), got {self.num_nodes}")
-        if self.interval < 1:
-            raise ValueError(f"interval must be >= 1, got {self.interval}")
-        if self.rule not in ("fixed", "adaptive"):
-            raise ValueError(f"rule must be 'fixed' or 'adaptive', got {self.rule!r}")
-        if not 0 < self.threshold < 1:
-            raise ValueError(f"threshold must lie in (0, 1), got {self.threshold}")
+        if self.backtrack_interval < 1:
+            raise ValueError(f"backtrack_interval must be >= 1, got {self.backtrack_interval}")
+        if self.backtrack_rule not in ("fixed", "adaptive"):
+            raise ValueError(f"backtrack_rule must be 'fixed' or 'adaptive', got {self.backtrack_rule!r}")
+        if not 0 < self.backtrack_threshold < 1:
+            raise ValueError(f"backtrack_threshold must lie in (0, 1), got {self.backtrack_threshold}")
         if self.num_nodes == 1:
             self.target = 0  # DMD: the teacher is R[0] and the only target
+
+    @classmethod
+    def from_config(cls, config, num_nodes: int) -> BacktrackingSchedule:
+        """The schedule of a [`DisBackConfig`] (`backtrack_interval`, `backtrack_rule`, `backtrack_threshold`)."""
+        return cls(
+            num_nodes=num_nodes,
+            backtrack_interval=config.backtrack_interval,
+            backtrack_rule=config.backtrack_rule,
+            backtrack_threshold=config.backtrack_threshold,
+        )
 
     @property
     def last(self) -> int:
@@ -106,8 +115,8 @@ class BacktrackingSchedule:
         self.steps_on_target += 1
         if self.at_teacher:
             return False
-        if self.rule == "fixed":
-            advance = self.steps_on_target >= self.interval
+        if self.backtrack_rule == "fixed":
+            advance = self.steps_on_target >= self.backtrack_interval
         else:
             if distance is not None:
                 d = float(distance)
@@ -118,9 +127,9 @@ class BacktrackingSchedule:
                     self.reference_distance = self.smoothed_distance
             caught_up = (
                 self.reference_distance is not None
-                and self.smoothed_distance <= self.threshold * self.reference_distance
+                and self.smoothed_distance <= self.backtrack_threshold * self.reference_distance
             )
-            advance = self.steps_on_target >= self.interval or (
+            advance = self.steps_on_target >= self.backtrack_interval or (
                 caught_up and self.steps_on_target >= self.min_interval
             )
         if advance:
@@ -143,21 +152,22 @@ class BacktrackingSchedule:
                 "over. Restart stage 2 from the path (--stage backtracking) or finish the run with the version that "
                 "wrote it."
             )
-        for key in ("num_nodes", "rule"):
-            if state[key] != getattr(self, key):
+        for key in ("num_nodes", "backtrack_rule"):
+            saved = state.get(key, state.get("rule"))  # `rule`: written before the settings had one name each
+            if saved != getattr(self, key):
                 raise ValueError(
-                    f"checkpoint's backtracking schedule has {key}={state[key]!r}, this run has {getattr(self, key)!r}"
+                    f"checkpoint's backtracking schedule has {key}={saved!r}, this run has {getattr(self, key)!r}"
                 )
-        # the position only: settings such as `interval` come from this run's arguments
+        # the position only: settings such as `backtrack_interval` come from this run's arguments
         for key in ("steps", "target", "steps_on_target", "reference_distance", "smoothed_distance"):
             setattr(self, key, state[key])
 
     @classmethod
-    def fixed_target_at(cls, num_nodes: int, interval: int, steps: int) -> int:
+    def fixed_target_at(cls, num_nodes: int, backtrack_interval: int, steps: int) -> int:
         """The fixed rule in closed form: the reversed-path target after `steps` calls to [`step`]."""
         if num_nodes == 1:
             return 0
-        return min(1 + steps // interval, num_nodes - 1)
+        return min(1 + steps // backtrack_interval, num_nodes - 1)
 
 
 INTERMEDIATE_CFG = ("none", "node", "teacher")

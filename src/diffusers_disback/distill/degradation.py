@@ -33,11 +33,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .._io import atomic_write, atomic_write_text
+from .lora import LORA_ADAPTER, add_lora_adapter, merge_lora
 
 MANIFEST_NAME = "path_manifest.json"
 FORMAT_VERSION = 1
 NODE_KINDS = ("full", "lora")
-LORA_ADAPTER = "degradation"
 
 
 class PathError(ValueError):
@@ -241,44 +241,6 @@ class DegradationPath:
         return [n.index for n in reversed(self.nodes)]
 
 
-# ------------------------------------------------------------------------------------------------------ LoRA
-
-
-def add_lora_adapter(model: torch.nn.Module, lora_config, adapter_name: str = LORA_ADAPTER) -> torch.nn.Module:
-    """Injects a trainable peft LoRA adapter into any `nn.Module` (the degrading copy of the teacher)."""
-    from peft import inject_adapter_in_model
-
-    return inject_adapter_in_model(lora_config, model, adapter_name=adapter_name)
-
-
-def merge_lora(
-    state: dict[str, torch.Tensor], adapter_name: str | None = None, scaling: float = 1.0
-) -> dict[str, torch.Tensor]:
-    """
-    Plain weights from a state dict that holds LoRA pairs on Linear layers: `W + scaling * B @ A` for every
-    `X.lora_A.weight` / `X.lora_B.weight` (peft's `.base_layer.` and `.{adapter_name}.` infixes are dropped first;
-    `scaling` is `lora_alpha / r`). Merged weights are float32. Works on gathered state dicts, so also after FSDP.
-    """
-    normalised = {}
-    for key, value in state.items():
-        key = key.replace(".base_layer.", ".")
-        if adapter_name:
-            key = key.replace(f".{adapter_name}.", ".")
-        normalised[key] = value
-    out = {k: v for k, v in normalised.items() if "lora_" not in k}
-    for key, a in normalised.items():
-        if key.endswith(".lora_A.weight"):
-            prefix = key[: -len(".lora_A.weight")]
-            b = normalised[f"{prefix}.lora_B.weight"]
-            out[f"{prefix}.weight"] = out[f"{prefix}.weight"].float() + scaling * (b.float() @ a.float())
-    return out
-
-
-def lora_parameters(model: torch.nn.Module, adapter_name: str = LORA_ADAPTER) -> list[torch.nn.Parameter]:
-    """The parameters of one LoRA adapter (to hand to the optimizer); the rest of the model stays frozen."""
-    return [p for n, p in model.named_parameters() if f".{adapter_name}." in n and "lora_" in n]
-
-
 class NodeSwitcher:
     """
     Gives the score network of any path node while holding at most one extra copy of the weights.
@@ -433,30 +395,34 @@ def _lora_config_to_dict(config) -> dict:
     return out
 
 
-def node_steps(num_steps: int, interval: int | None = None, num_nodes: int | None = None, spacing: str = "uniform"):
+def node_steps(
+    degradation_steps: int,
+    path_interval: int | None = None,
+    num_path_nodes: int | None = None,
+    path_node_spacing: str = "uniform",
+) -> list[int]:
     """
     The stage-1 steps after which a node is taken; the last step always ends the path.
 
-    - `interval=K`: every K steps and at the end (the paper's rule: N1 = 1000, K1 = 100 gives 10 nodes).
-    - `num_nodes=N, spacing="uniform"`: N nodes evenly spaced; `spacing="log"`: N nodes log-spaced, dense early,
-      where stage 1 moves fastest (measured: uniform nodes cluster near the initial generator).
+    - `path_interval=K1`: every K1 steps and at the end (the paper's rule: N1 = 1000, K1 = 100 gives 10 nodes).
+    - `num_path_nodes=N, path_node_spacing="uniform"`: N nodes evenly spaced; `"log"`: N nodes log-spaced, dense
+      early, where stage 1 moves fastest (measured: uniform nodes cluster near the initial generator).
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if (interval is None) == (num_nodes is None):
-        raise ValueError("give exactly one of `interval` and `num_nodes`")
-    if interval is not None:
-        if interval < 1:
-            raise ValueError(f"interval must be >= 1, got {interval}")
-        steps = list(range(interval, num_steps + 1, interval))
+    if degradation_steps < 1:
+        raise ValueError(f"degradation_steps must be >= 1, got {degradation_steps}")
+    if (path_interval is None) == (num_path_nodes is None):
+        raise ValueError("give exactly one of `path_interval` and `num_path_nodes`")
+    if path_interval is not None:
+        if path_interval < 1:
+            raise ValueError(f"path_interval must be >= 1, got {path_interval}")
+        steps = list(range(path_interval, degradation_steps + 1, path_interval))
     else:
-        if not 1 <= num_nodes <= num_steps:
-            raise ValueError(f"num_nodes must lie in [1, {num_steps}], got {num_nodes}")
-        if spacing == "uniform":
-            steps = [round(num_steps * (i + 1) / num_nodes) for i in range(num_nodes)]
-        elif spacing == "log":
-            steps = [round(num_steps ** ((i + 1) / num_nodes)) for i in range(num_nodes)]
+        if not 1 <= num_path_nodes <= degradation_steps:
+            raise ValueError(f"num_path_nodes must lie in [1, {degradation_steps}], got {num_path_nodes}")
+        if path_node_spacing == "uniform":
+            steps = [round(degradation_steps * (i + 1) / num_path_nodes) for i in range(num_path_nodes)]
+        elif path_node_spacing == "log":
+            steps = [round(degradation_steps ** ((i + 1) / num_path_nodes)) for i in range(num_path_nodes)]
         else:
-            raise ValueError(f"spacing must be 'uniform' or 'log', got {spacing!r}")
-    steps = sorted({max(1, s) for s in steps} | {num_steps})
-    return steps
+            raise ValueError(f"path_node_spacing must be 'uniform' or 'log', got {path_node_spacing!r}")
+    return sorted({max(1, s) for s in steps} | {degradation_steps})

@@ -1,0 +1,52 @@
+"""Distributed helpers: what DDP, FSDP1 and FSDP2 need from the training loop (full state dicts, gradient clipping of
+sharded models, preparing a trainable model without accelerate's hidden autocast)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def is_fsdp2_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 (`fully_shard`) sharded the model's parameters into DTensors."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """
+    The model's full (unsharded) state dict on the main process, under any distributed setup. Under FSDP2 accelerate's
+    `get_state_dict` hands back sharded DTensors with a sharded state-dict config, so the full one is gathered with
+    `torch.distributed.checkpoint` (other ranks get an empty dict; every rank must call this).
+    """
+    if is_fsdp2_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return accelerator.get_state_dict(model)
+
+
+def prepare_trainable(accelerator, model, optimizer, lr_scheduler):
+    """
+    `accelerator.prepare` for one trainable model with its optimizer and LR schedule, without the autocast that
+    accelerate wraps around the model's forward under mixed precision: precision is decided by the loop's own
+    autocast regions, as in DMD2, so the fake score's pass in the DM loss can run in fp32. Under FSDP each trainable
+    model is prepared with its own optimizer, in its own call.
+    """
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # restores the module's own forward, in place
+    return model, optimizer, lr_scheduler
+
+
+def clip_grad_norm(accelerator, model: torch.nn.Module, optimizer, max_grad_norm: float) -> None:
+    """Gradient-norm clipping of one prepared model, under any distributed setup (after `accelerator.backward`)."""
+    if not accelerator.sync_gradients:
+        return
+    if is_fsdp2_sharded(model):
+        # accelerate's clip_grad_norm_ matches the parameters against each prepared model with `==`, which fails on
+        # DTensors when two prepared models share an architecture (the generator and the fake score); torch clips
+        # DTensor gradients itself
+        accelerator.unscale_gradients(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    else:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
