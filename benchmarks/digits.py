@@ -1,7 +1,9 @@
 """
 DMD vs DisBack vs the warm control on real data: scikit-learn's 8x8 handwritten digits, class-conditional.
 
-What it measures (all through `common.run_distillation`, so through the library the SDXL script uses):
+What it measures (all through `common.run_distillation`, so through the library's training steps, the ones the SDXL
+script runs, with its settings: `DisBackConfig` names and units, every count in stage-2 iterations, the generator
+updated on every `fake_score_update_ratio`-th):
 
 - A class-conditional teacher (`EpsMLP`, 10 classes + a null label, label dropout 0.1 for CFG) and a digit classifier
   (a small MLP) are trained on 1297 digits and cached under `benchmarks/.cache/`; 500 held-out digits are never used
@@ -12,7 +14,7 @@ What it measures (all through `common.run_distillation`, so through the library 
 - The teacher's CFG scale is chosen by measurement (DDIM 50 steps at a few scales, lowest FD).
 - One-step students by DMD, DisBack and warm (stage 1 counted in iterations and wall time), generators initialised
   from the teacher and from scratch, 3 seeds; the CFG of intermediate path nodes (node / teacher / none).
-- `--sweep`: DisBack's knobs (nodes, spacing, switch interval and rule, fake-score init, LoRA nodes) from scratch.
+- `--sweep`: DisBack's knobs (nodes, spacing, backtrack interval and rule, fake-score init, LoRA nodes) from scratch.
 
 Run: `python benchmarks/digits.py [--quick|--sweep]`. Full mode and the sweep write their tables into
 `benchmarks/results/digits.md` and PNGs into `docs/images/digits_*.png`; `--quick` (< 60 s, one core) trains tiny
@@ -38,6 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common  # noqa: E402
 from common import (  # noqa: E402
     DistillConfig,
     EpsMLP,
@@ -54,8 +57,6 @@ from diffusers_disback.distill import (  # noqa: E402
     NodeSwitcher,
     NoiseSchedule,
     Score,
-    denoising_score_matching_loss,
-    node_steps,
     one_step_sample,
 )
 
@@ -77,22 +78,24 @@ class Settings:
     classifier_steps: int = 3000
     cfg_scales: tuple = (1.0, 1.5, 2.0, 3.0, 4.0)
     seeds: tuple = (0, 1, 2)
-    distill: dict = dataclasses.field(default_factory=dict)  # DistillConfig overrides shared by every run
+    distill: dict = dataclasses.field(default_factory=dict)  # DistillConfig (DisBackConfig) overrides of every run
     cache: bool = True
 
 
+# counts in stage-2 iterations at r = fake_score_update_ratio = 5: 400 generator updates, the target advancing and an
+# evaluation every 20 of them
 FULL = Settings(
     distill=dict(
-        generator_updates=400,
-        batch_size=128,
-        lr_generator=1e-3,
-        lr_fake=1e-3,
-        stage1_lr=1e-3,
-        stage1_steps=500,
-        num_nodes=5,
-        node_spacing="log",
-        switch_interval=20,
-        eval_every=20,
+        max_train_steps=2000,
+        train_batch_size=128,
+        learning_rate=1e-3,
+        fake_learning_rate=1e-3,
+        degradation_learning_rate=1e-3,
+        degradation_steps=500,
+        num_path_nodes=5,
+        path_node_spacing="log",
+        backtrack_interval=100,
+        eval_steps=100,
     )
 )
 QUICK = Settings(
@@ -102,18 +105,18 @@ QUICK = Settings(
     cfg_scales=(1.0, 2.0),
     seeds=(0,),
     cache=False,
-    distill=dict(
-        generator_updates=60,
-        batch_size=64,
-        lr_generator=1e-3,
-        lr_fake=1e-3,
-        stage1_lr=1e-3,
-        stage1_steps=30,
-        num_nodes=3,
-        node_spacing="log",
-        switch_interval=10,
-        eval_every=20,
-        fake_updates_per_generator_update=3,
+    distill=dict(  # r = 3: 60 generator updates, the target advancing every 10, an evaluation every 20
+        max_train_steps=180,
+        train_batch_size=64,
+        learning_rate=1e-3,
+        fake_learning_rate=1e-3,
+        degradation_learning_rate=1e-3,
+        degradation_steps=30,
+        num_path_nodes=3,
+        path_node_spacing="log",
+        backtrack_interval=30,
+        eval_steps=60,
+        fake_score_update_ratio=3,
     ),
 )
 
@@ -268,33 +271,27 @@ def distill(teacher, schedule, evaluator: Evaluator, s: Settings, **overrides) -
     """One `run_distillation` with the shared settings; returns its History and the final sample grid."""
     cfg = DistillConfig(**{**s.distill, **overrides})
     # the null label batch for CFG: `run_distillation` hands `uncond` to `Score` as is (a callable is not resolved)
-    uncond = torch.full((cfg.batch_size,), NUM_CLASSES)
+    uncond = torch.full((cfg.train_batch_size,), NUM_CLASSES)
     history = run_distillation(teacher, schedule, cfg, sample_labels, evaluator, uncond=uncond)
     return history, evaluator.last_grid
 
 
 def record_path(teacher, schedule, s: Settings, directory: str, **overrides) -> DegradationPath:
-    """Stage 1 as `run_distillation` does it (full nodes), kept on disk so that the path itself can be inspected."""
+    """Stage 1 exactly as `run_distillation` does it (`common.record_path`, the library's `DegradationStep`; same
+    seeds and batches), kept on disk so that the path itself can be inspected."""
     cfg = DistillConfig(**{**s.distill, **overrides})
-    g = torch.Generator().manual_seed(cfg.seed)
-    generator = _make_generator(teacher, cfg).eval()
-    degrading = copy.deepcopy(teacher).requires_grad_(True)
-    opt = torch.optim.AdamW(degrading.parameters(), lr=cfg.stage1_lr, weight_decay=0.0)
-    path = DegradationPath.create(directory, teacher, kind="full")
-    steps_at = node_steps(cfg.stage1_steps, num_nodes=cfg.num_nodes, spacing=cfg.node_spacing)
-    score = Score(degrading, schedule)
-    for step in range(1, cfg.stage1_steps + 1):
-        cond = sample_labels(cfg.batch_size, g)
-        with torch.no_grad():
-            noise = torch.randn(cfg.batch_size, 64, generator=g)
-            x0 = one_step_sample(generator, noise, cond, schedule, cfg.conditioning_timestep)
-        loss = denoising_score_matching_loss(score, x0, cond, generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step in steps_at:
-            path.add_node(degrading, step)
-    return path
+    rng = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    generator = _make_generator(teacher, cfg)
+
+    def generate(z, cond):
+        return one_step_sample(generator, z, cond, schedule, cfg.conditioning_timestep)
+
+    def next_batch():
+        cond = sample_labels(cfg.train_batch_size, rng)
+        return cond, torch.randn(cfg.train_batch_size, teacher.dim, generator=rng)
+
+    return common.record_path(directory, teacher, generate, schedule, cfg, next_batch, rng)
 
 
 @torch.no_grad()
@@ -601,16 +598,25 @@ def full_report(s, scale, cfg_rows, ref_rows, geometry, table, cfg_table, elapse
                     f"{geo['uncond_to_teacher'][i]:.4f}",
                 ]
             )
+    cfg = DistillConfig(**d)
+    r = cfg.fake_score_update_ratio
     return f"""## Full mode (`python benchmarks/digits.py`, {elapsed / 60:.1f} min on one CPU thread)
 
 Setup: teacher `EpsMLP(64, hidden={s.teacher_hidden}, depth=3, num_classes=10)`, {s.teacher_steps} steps, label
-dropout 0.1; classifier 64-256-64-10 MLP; 1297 training / {HELD_OUT} held-out digits. Distillation (all methods):
-{d["generator_updates"]} generator updates, r = 5 fake-score updates per generator update, batch {d["batch_size"]},
-AdamW lr {d["lr_generator"]:g} (generator and fake score; chosen on DMD, frozen for all methods), stage 1
-{d["stage1_steps"]} steps at lr {d["stage1_lr"]:g}, {d["num_nodes"]} {d["node_spacing"]}-spaced nodes, switch every
-{d["switch_interval"]} generator updates; seeds {list(s.seeds)}. Iterations = fake-score updates + stage-1 steps;
-wall time includes stage 1 (evaluation excluded). "DMD's final FD" = per seed, DMD's FD averaged over its last 2
-evaluations (every {d["eval_every"]} generator updates), times {TOLERANCE}; the ratio is the first iteration count
+dropout 0.1; classifier 64-256-64-10 MLP; 1297 training / {HELD_OUT} held-out digits. Distillation (all methods;
+`DisBackConfig` names, counts in stage-2 iterations): `max_train_steps={cfg.max_train_steps}` iterations at
+`fake_score_update_ratio={r}` ({cfg.max_train_steps // r} generator updates), batch {cfg.train_batch_size},
+AdamW `learning_rate={cfg.learning_rate:g}`, `fake_learning_rate={cfg.fake_learning_rate:g}` (chosen on DMD, frozen
+for all methods; weight decay {cfg.adam_weight_decay:g}, no clipping, constant), stage 1
+`degradation_steps={cfg.degradation_steps}` at `degradation_learning_rate={cfg.degradation_learning_rate:g}`,
+`num_path_nodes={cfg.num_path_nodes}` `{cfg.path_node_spacing}`-spaced, `backtrack_interval={cfg.backtrack_interval}`
+iterations ({cfg.backtrack_interval // r} generator updates), `min_step_percent={cfg.min_step_percent:g}`,
+`max_step_percent={cfg.max_step_percent:g}`; seeds {list(s.seeds)}. The loop is the library's (`DegradationStep`,
+`BacktrackingStep`) in the reference code's order: each iteration draws a batch that the generator samples; on every
+{r}th the generator is updated first, then the fake score on the same samples, detached; the backtracking schedule
+ticks once per iteration. Iterations = stage-2 iterations + stage-1 steps; wall time includes stage 1 (evaluation
+excluded). "DMD's final FD" = per seed, DMD's FD averaged over its last 2 evaluations (`eval_steps={cfg.eval_steps}`
+iterations = every {cfg.eval_steps // r} generator updates), times {TOLERANCE}; the ratio is the first iteration count
 (or second) at which a method's FD is at or below it, over DMD's own.
 
 ### CFG scale of the teacher (DDIM 50 steps, mean ± std over the seeds' noise); chosen: {scale:g} (lowest FD)
@@ -643,15 +649,21 @@ evaluations (every {d["eval_every"]} generator updates), times {TOLERANCE}; the 
 """
 
 
-SWEEP_UPDATES = 300  # shorter than full mode to fit the sweep's time budget (DMD is rerun at the same length)
-SWEEP = {
-    "base (5 log nodes, switch 20)": {},
-    "10 log nodes": {"num_nodes": 10},
-    "5 uniform nodes (= every 100 steps, the paper's rule)": {"node_spacing": "uniform"},
-    "switch every 50": {"switch_interval": 50},
-    "adaptive switch, threshold 0.5": {"switch_rule": "adaptive", "switch_threshold": 0.5, "switch_interval": 100},
-    "fake init = teacher": {"fake_init": "teacher"},
-    "LoRA nodes (rank 8)": {"node_kind": "lora"},
+# 300 generator updates at r = 5: shorter than full mode to fit the sweep's time budget (DMD is rerun at the same
+# length)
+SWEEP_STEPS = 1500
+SWEEP = {  # intervals in stage-2 iterations (generator updates x 5)
+    "base (5 log nodes, backtrack_interval 100)": {},
+    "10 log nodes": {"num_path_nodes": 10},
+    "5 uniform nodes (= every 100 steps, the paper's rule)": {"path_node_spacing": "uniform"},
+    "backtrack_interval 250": {"backtrack_interval": 250},
+    "adaptive rule, threshold 0.5": {
+        "backtrack_rule": "adaptive",
+        "backtrack_threshold": 0.5,
+        "backtrack_interval": 500,
+    },
+    "fake_score_init = teacher": {"fake_score_init": "teacher"},
+    "LoRA nodes (rank 8)": {"path_node_type": "lora"},
 }
 
 
@@ -700,11 +712,12 @@ def run_sweep(s: Settings, intermediate_cfg: str) -> None:
     elapsed = time.perf_counter() - start
     text = f"""## Sweep (`python benchmarks/digits.py --sweep`, {elapsed / 60:.1f} min)
 
-Generator from scratch, CFG {scale:g}, settings of full mode unless named but {SWEEP_UPDATES} generator updates;
-intermediate-node CFG `{intermediate_cfg}`; seeds {list(s.seeds)}; DMD baseline
-rerun here: final FD {dmd[0]}, accuracy {dmd[1]}. Ratios as in full mode (per seed in brackets). The adaptive rule
-advances when the smoothed `dm_distance` falls below the threshold times its value at the last switch, at the latest
-after 100 updates.
+Generator from scratch, CFG {scale:g}, settings of full mode unless named but `max_train_steps={SWEEP_STEPS}`
+({SWEEP_STEPS // 5} generator updates); intervals in stage-2 iterations (generator updates x 5); intermediate-node CFG
+`{intermediate_cfg}`; seeds {list(s.seeds)}; DMD baseline rerun here: final FD {dmd[0]}, accuracy {dmd[1]}. Ratios as
+in full mode (per seed in brackets). The adaptive rule advances when the smoothed `dm_distance` (measured on generator
+updates) falls below the threshold times its value at the last switch, at the latest after 500 iterations (100
+generator updates).
 
 {table}
 """
@@ -752,7 +765,7 @@ def main(argv=None):
     if args.quick:
         return run_quick(QUICK)
     if args.sweep:
-        settings = dataclasses.replace(FULL, distill={**FULL.distill, "generator_updates": SWEEP_UPDATES})
+        settings = dataclasses.replace(FULL, distill={**FULL.distill, "max_train_steps": SWEEP_STEPS})
         return run_sweep(settings, args.intermediate_cfg)
     return run_full(FULL)
 

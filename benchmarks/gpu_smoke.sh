@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared run for a session that has a GPU (device tool): SDXL-sized random-weight components.
 #   1. inference: DisBack 1-step vs bare passes vs 25-step teacher, fp16
-#   2. one training iteration vs its passes, bf16 autocast, fp32 master weights, gradient checkpointing: s/it, peak
-#      memory (full fine-tuning of generator and fake score: about 90 GB, so an H200 or a sharded run)
+#   2. one training iteration (the library's BacktrackingStep) vs its passes, bf16 autocast, fp32 master weights,
+#      frozen teacher in bf16, gradient checkpointing, batch 1/2/4: s/it, peak memory, GPU-busy fraction, operators
+#      per iteration (full fine-tuning of generator and fake score: about 90 GB, so an H200 or a sharded run)
 #   3. the training script under accelerate FSDP2 on one GPU, both stages, a few steps, LoRA path nodes and LoRA
 #      generator/fake score (a full-weight run writes ~60 GB of checkpoints, more than the device's disk)
 # Each section has its own time limit so one slow part cannot take the others with it. Results land in $OUT
@@ -21,7 +22,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python3 -c "import torch, diffusers, transformers, accelerate, datasets, peft; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" | tee "$OUT/versions.txt" || exit 1
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 
-if [ "$SIZE" = sdxl ]; then RES=1024; DT_INF=float16; DT_TRAIN=bfloat16; STEPS=2; T_INF=130; T_STEP=200; T_RUN=230
+if [ "$SIZE" = sdxl ]; then RES=1024; DT_INF=float16; DT_TRAIN=bfloat16; STEPS=2; T_INF=110; T_STEP=120; T_RUN=200
 else RES=64; DT_INF=float32; DT_TRAIN=float32; STEPS=2; T_INF=300; T_STEP=300; T_RUN=300; fi
 
 # the teacher folder for section 3 is written in the background while sections 1-2 use the GPU
@@ -32,9 +33,13 @@ BUILD=$!
 echo "== inference"; timeout $T_INF python3 benchmarks/inference.py --size "$SIZE" --device "$DEVICE" --dtype "$DT_INF" \
   --repeats 5 --output "$OUT/inference.png" 2>&1 | grep -v "^\[transformers\]" | tee "$OUT/inference.txt"
 
-echo "== training iteration"; timeout $T_STEP python3 benchmarks/train_step.py --size "$SIZE" --device "$DEVICE" \
-  --dtype "$DT_TRAIN" --resolution "$RES" --batch_size 1 --gradient_checkpointing --repeats 3 2>&1 \
-  | grep -v "^\[transformers\]" | tee "$OUT/train_step.txt"
+# the training engine's stage-2 iteration (r = 1) at batch 1, 2, 4 per GPU: s/it, peak memory, and with --profile the
+# GPU-busy fraction and the operators dispatched per iteration (the #9 goal: >= 70% busy at batch 1)
+for BS in 1 2 4; do
+  echo "== training iteration, batch $BS"; timeout $T_STEP python3 benchmarks/train_step.py --size "$SIZE" \
+    --device "$DEVICE" --dtype "$DT_TRAIN" --resolution "$RES" --batch_size "$BS" --gradient_checkpointing --repeats 3 \
+    --profile 2>&1 | grep -v "^\[transformers\]" | tee "$OUT/train_step_bs$BS.txt" | grep -E "^\| one iteration|peak|GPU busy|aten ops"
+done
 
 echo "== training script, FSDP2 on one GPU, LoRA"
 wait $BUILD; tail -2 "$OUT/teacher_build.log"

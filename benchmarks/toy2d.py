@@ -5,8 +5,10 @@ a mixture (8 Gaussians on a ring, or a 5x5 grid; data normalised to unit std per
 one-step generator by three methods with the same networks, seeds, learning rates and compute (`common.py`):
 `dmd` (target the teacher from the first update), `disback` (degradation path, then backtracking) and `warm` (the
 same stage 1, fake score from the last node, target the teacher from the start). Generators start from the teacher
-or from scratch. Every `eval_every` generator updates the generator's samples (fixed noise) are compared with the
-teacher's 50-step DDIM samples:
+or from scratch. The settings are `DisBackConfig`'s (the SDXL training script's flag names and units: counts in
+stage-2 iterations, one fake-score update each, the generator updated on every `fake_score_update_ratio`-th, r = 5
+here), and the loop is the library's `DegradationStep` / `BacktrackingStep`. Every `eval_steps` iterations the
+generator's samples (fixed noise) are compared with the teacher's 50-step DDIM samples:
 
 - `swd`: sliced Wasserstein-1 distance to the teacher's samples (lower is better);
 - `coverage`: the fraction of the mixture's modes that receive at least a quarter of their fair share (1/4K) of the
@@ -14,8 +16,8 @@ teacher's 50-step DDIM samples:
 - `off_mode`: the fraction of samples farther than 3 standard deviations from every mode.
 
 "DMD's final quality" is, per seed, DMD's SWD averaged over its last 2 evaluations, times 1.05. The table gives the
-total iterations (stage 1 included, each fake-score or stage-1 step counts 1) each method needs to reach it, as a
-ratio to DMD's on the same seed, and how many seeds never reach it.
+total iterations (stage 1 included, each stage-2 iteration or stage-1 step counts 1) each method needs to reach it,
+as a ratio to DMD's on the same seed, and how many seeds never reach it.
 
     python benchmarks/toy2d.py --quick      # ~30 s: checks the machinery (used by the test suite), writes nothing
     python benchmarks/toy2d.py --lr_scan    # DMD only, a few learning rates: how the frozen LR was chosen
@@ -320,39 +322,43 @@ def plot_samples(samples: dict, setups: dict[str, Setup], file: str) -> None:
 
 @dataclass
 class Budget:
-    """Sizes of one mode; `stage` holds the DisBack/warm stage-1 and stage-2 defaults per generator init."""
+    """
+    Sizes of one mode, in `DisBackConfig`'s names and units: `max_train_steps`, `eval_steps` and
+    `backtrack_interval` count stage-2 iterations (generator updates x r, r = `fake_score_update_ratio` = 5).
+    """
 
     datasets: tuple[str, ...]
     inits: tuple[str, ...]
     seeds: int
-    generator_updates: int
-    eval_every: int
+    max_train_steps: int
+    eval_steps: int
     teacher_steps: int
     hidden: int
     num_eval: int
-    stage1_steps: int
-    num_nodes: int
-    switch_interval: int
-    batch_size: int = 128
-    lr: float = LR
+    degradation_steps: int
+    num_path_nodes: int
+    backtrack_interval: int
+    train_batch_size: int = 128
+    learning_rate: float = LR
 
 
-QUICK = Budget(("8gaussians",), ("scratch",), 2, 60, 20, 800, 64, 1000, 40, 3, 10, batch_size=64, lr=1e-3)
-FULL = Budget(("8gaussians", "grid"), INITS, 3, 300, 15, 4000, 128, 2000, 300, 5, 25)
-SWEEP = Budget(("8gaussians",), INITS, 3, 120, 10, 4000, 128, 2000, 150, 5, 10)
+# generator updates = max_train_steps / 5: quick 60, record 300, sweep 120; target switches every 10, 25, 10 of them
+QUICK = Budget(("8gaussians",), ("scratch",), 2, 300, 100, 800, 64, 1000, 40, 3, 50, 64, 1e-3)
+FULL = Budget(("8gaussians", "grid"), INITS, 3, 1500, 75, 4000, 128, 2000, 300, 5, 125)
+SWEEP = Budget(("8gaussians",), INITS, 3, 600, 50, 4000, 128, 2000, 150, 5, 50)
 
 
 def base_config(budget: Budget) -> DistillConfig:
     return DistillConfig(
-        generator_updates=budget.generator_updates,
-        lr_generator=budget.lr,
-        lr_fake=budget.lr,
-        stage1_lr=budget.lr,
-        batch_size=budget.batch_size,
-        stage1_steps=budget.stage1_steps,
-        num_nodes=budget.num_nodes,
-        switch_interval=budget.switch_interval,
-        eval_every=budget.eval_every,
+        max_train_steps=budget.max_train_steps,
+        learning_rate=budget.learning_rate,
+        fake_learning_rate=budget.learning_rate,
+        degradation_learning_rate=budget.learning_rate,
+        train_batch_size=budget.train_batch_size,
+        degradation_steps=budget.degradation_steps,
+        num_path_nodes=budget.num_path_nodes,
+        backtrack_interval=budget.backtrack_interval,
+        eval_steps=budget.eval_steps,
     )
 
 
@@ -394,18 +400,18 @@ def record_tables(results: dict) -> str:
 
 
 def sweep_variants(budget: Budget) -> list[tuple[str, dict]]:
-    """DisBack's knobs, one at a time from the mode's default (uniform nodes, fixed switch)."""
-    k = budget.switch_interval
+    """DisBack's knobs, one at a time from the mode's default (uniform nodes, fixed rule); intervals in iterations."""
+    k = budget.backtrack_interval
     return [
-        (f"DisBack default ({budget.num_nodes} uniform nodes, switch every {k})", {}),
-        ("2 nodes", {"num_nodes": 2}),
-        ("10 nodes", {"num_nodes": 10}),
-        (f"switch every {k // 2}", {"switch_interval": k // 2}),
-        (f"switch every {k * 2}", {"switch_interval": k * 2}),
-        ("fake init = teacher", {"fake_init": "teacher"}),
-        ("LoRA nodes (rank 8)", {"node_kind": "lora"}),
-        ("log-spaced nodes", {"node_spacing": "log"}),
-        ("adaptive switch, threshold 0.5", {"switch_rule": "adaptive", "switch_threshold": 0.5}),
+        (f"DisBack default ({budget.num_path_nodes} uniform nodes, backtrack_interval {k})", {}),
+        ("2 nodes", {"num_path_nodes": 2}),
+        ("10 nodes", {"num_path_nodes": 10}),
+        (f"backtrack_interval {k // 2}", {"backtrack_interval": k // 2}),
+        (f"backtrack_interval {k * 2}", {"backtrack_interval": k * 2}),
+        ("fake_score_init = teacher", {"fake_score_init": "teacher"}),
+        ("LoRA nodes (rank 8)", {"path_node_type": "lora"}),
+        ("log-spaced nodes", {"path_node_spacing": "log"}),
+        ("adaptive rule, threshold 0.5", {"backtrack_rule": "adaptive", "backtrack_threshold": 0.5}),
     ]
 
 
@@ -436,7 +442,7 @@ def lr_scan(budget: Budget, lrs: list[float], cache: bool, log) -> str:
         setup = build_setup(name, budget.teacher_steps, budget.hidden, budget.num_eval, cache)
         for init in budget.inits:
             for lr in lrs:
-                cfg = replace(base_config(replace(budget, lr=lr)), method="dmd", generator_init=init)
+                cfg = replace(base_config(replace(budget, learning_rate=lr)), method="dmd", generator_init=init)
                 (h,), _ = run_seeds(setup, cfg, 1, log)
                 curve = ", ".join(f"{row['swd']:.3f}" for row in h.rows[:: max(1, len(h.rows) // 6)])
                 rows.append(
@@ -456,25 +462,31 @@ def lr_scan(budget: Budget, lrs: list[float], cache: bool, log) -> str:
 def settings_text(budget: Budget) -> str:
     cfg = asdict(base_config(budget))
     keys = (
-        "generator_updates",
-        "fake_updates_per_generator_update",
-        "batch_size",
-        "lr_generator",
-        "lr_fake",
-        "stage1_lr",
-        "stage1_steps",
-        "num_nodes",
-        "node_spacing",
-        "switch_interval",
-        "switch_rule",
-        "fake_init",
-        "node_kind",
+        "max_train_steps",
+        "fake_score_update_ratio",
+        "train_batch_size",
+        "learning_rate",
+        "fake_learning_rate",
+        "degradation_learning_rate",
+        "degradation_steps",
+        "num_path_nodes",
+        "path_node_spacing",
+        "backtrack_interval",
+        "backtrack_rule",
+        "fake_score_init",
+        "path_node_type",
+        "min_step_percent",
+        "max_step_percent",
         "conditioning_timestep",
-        "eval_every",
+        "eval_steps",
     )
     shown = ", ".join(f"`{k}={cfg[k]}`" for k in keys)
+    r = cfg["fake_score_update_ratio"]
     return (
-        f"Settings: {shown}; teacher EpsMLP hidden {budget.hidden}, depth 3, {budget.teacher_steps} steps; "
+        f"Settings (`DisBackConfig` names; counts in stage-2 iterations, the generator updated on every {r}th: "
+        f"{cfg['max_train_steps'] // r} generator updates, the target advancing every "
+        f"{cfg['backtrack_interval'] // r}, evaluation every {cfg['eval_steps'] // r}): {shown}; "
+        f"teacher EpsMLP hidden {budget.hidden}, depth 3, {budget.teacher_steps} steps; "
         f"{budget.num_eval} evaluation samples; seeds 0..{budget.seeds - 1} (generator init and training noise)."
     )
 
@@ -485,9 +497,16 @@ def main(argv=None) -> dict:
     mode.add_argument("--quick", action="store_true", help="tiny sizes, 8 Gaussians, scratch init: the machinery")
     mode.add_argument("--sweep", action="store_true", help="DisBack's knobs on 8 Gaussians, both generator inits")
     mode.add_argument("--lr_scan", action="store_true", help="DMD alone at several learning rates")
-    parser.add_argument("--lr", type=float, default=None, help=f"default {LR:g} (quick: 1e-3)")
+    parser.add_argument(
+        "--learning_rate", "--lr", type=float, default=None, help=f"all three optimisers; default {LR:g} (quick: 1e-3)"
+    )
     parser.add_argument("--seeds", type=int, default=None, help="override the mode's number of seeds")
-    parser.add_argument("--generator_updates", type=int, default=None, help="override the mode's generator updates")
+    parser.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help="override the mode's stage-2 iterations (generator updates x 5; record: 1500)",
+    )
     parser.add_argument("--images", default=IMAGES, help="folder for the PNGs")
     parser.add_argument("--results", default=RESULTS, help="markdown file the tables go into (not in --quick)")
     parser.add_argument("--no_cache", action="store_true", help="retrain the teachers instead of using the cache")
@@ -497,8 +516,8 @@ def main(argv=None) -> dict:
     budget = replace(
         budget,
         seeds=args.seeds or budget.seeds,
-        generator_updates=args.generator_updates or budget.generator_updates,
-        lr=args.lr or budget.lr,
+        max_train_steps=args.max_train_steps or budget.max_train_steps,
+        learning_rate=args.learning_rate or budget.learning_rate,
     )
     cache = not (args.quick or args.no_cache)
     start = time.perf_counter()

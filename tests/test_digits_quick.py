@@ -33,6 +33,10 @@ def test_digits_quick(capsys):
         # compute is counted with stage 1: DisBack and warm start at the stage-1 step count
         assert history.rows[0]["iterations"] == history.stage1_iterations
         assert history.rows[-1]["seconds"] >= history.stage1_seconds
+        # settings in DisBackConfig's units: 180 stage-2 iterations at r = 3 are 60 generator updates, evaluated
+        # every 60 iterations = 20 generator updates
+        assert history.rows[-1]["iterations"] == history.stage1_iterations + digits.QUICK.distill["max_train_steps"]
+        assert [row["generator_updates"] for row in history.rows] == [0, 20, 40, 60]
 
     disback = runs[("scratch", "disback")][0]
     targets = [row["target_node"] for row in disback.rows]

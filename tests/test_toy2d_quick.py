@@ -44,24 +44,30 @@ def test_generators_improve(toy2d, quick):
 def test_backtracking_walks_to_the_teacher_and_counts_stage1(toy2d, quick):
     (out, _) = quick
     budget = toy2d.QUICK
-    r = toy2d.DistillConfig().fake_updates_per_generator_update
+    r = toy2d.DistillConfig().fake_score_update_ratio
     for by_method in out["results"].values():
         for history in by_method["disback"]:
             targets = [row["target_node"] for row in history.rows]
             assert targets[0] == len(history.node_steps) - 1  # P_{N-1}: one node back from the most degraded
             assert targets[-1] == 0  # the teacher
             assert all(a >= b for a, b in zip(targets, targets[1:]))
-            assert history.node_steps[-1] == budget.stage1_steps
+            assert history.node_steps[-1] == budget.degradation_steps
         for method in ("disback", "warm"):
             for history in by_method[method]:
-                assert history.rows[0]["iterations"] == budget.stage1_steps
-                assert history.rows[-1]["iterations"] == budget.stage1_steps + r * budget.generator_updates
+                assert history.rows[0]["iterations"] == budget.degradation_steps
+                assert history.rows[-1]["iterations"] == budget.degradation_steps + budget.max_train_steps
                 assert history.rows[-1]["seconds"] > history.stage1_seconds > 0
         for history in by_method["warm"] + by_method["dmd"]:
             assert all(row["target_node"] == 0 for row in history.rows)
         for history in by_method["dmd"]:
-            assert history.rows[-1]["iterations"] == r * budget.generator_updates
+            assert history.rows[-1]["iterations"] == budget.max_train_steps
             assert history.stage1_iterations == 0
+        for history in by_method["dmd"] + by_method["disback"] + by_method["warm"]:
+            # evaluations every eval_steps iterations = every eval_steps / r generator updates (updates on 0, r, ...)
+            assert [row["generator_updates"] for row in history.rows] == [
+                i * budget.eval_steps // r for i in range(budget.max_train_steps // budget.eval_steps + 1)
+            ]
+            assert history.rows[-1]["generator_updates"] == budget.max_train_steps // r
 
 
 def test_table_and_images(quick, capsys):

@@ -18,8 +18,6 @@ run too) and its settings `diffusers_disback.distill.DisBackConfig` (one flag ea
 See examples/train_disback/README.md for accelerate configs (single, DDP, FSDP2, multi-node) and the paper's settings.
 """
 
-from __future__ import annotations
-
 import argparse
 import copy
 import importlib.util
@@ -33,7 +31,6 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -63,6 +60,7 @@ from diffusers_disback.distill import (
     target_score,
 )
 from diffusers_disback.hub import save_for_hub
+from diffusers_disback.images import image_grid
 from diffusers_disback.training import (
     SDXL_LORA_TARGETS,
     BackgroundPusher,
@@ -537,7 +535,7 @@ def validate(run: Run, generator_unet, step: int) -> None:
         return
     images = decode(run, x0)
     os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
-    grid = make_image_grid(to_pil(images), rows=1, cols=len(images))
+    grid = image_grid(to_pil(images))
     grid.save(os.path.join(args.output_dir, "validation", f"step-{step:08d}.png"))
     for tracker in acc.trackers:
         if tracker.name == "tensorboard":

@@ -215,17 +215,13 @@ def make_model_card(
 
 
 def _sample_grid(pipeline, prompts, seed: int = 0):
-    from PIL import Image
+    from .images import image_grid
 
     images = []
     for prompt in prompts:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         images.append(pipeline(prompt, generator=generator).images[0])
-    w, h = images[0].size
-    grid = Image.new("RGB", (w * len(images), h))
-    for i, image in enumerate(images):
-        grid.paste(image, (i * w, 0))
-    return grid
+    return image_grid(images)
 
 
 def write_fp16_variant(folder: str | os.PathLike) -> list[str]:

@@ -101,12 +101,9 @@ def _generated_images(images_dir: str, count: int) -> Iterator[Image.Image]:
 
 def sample_grid(images_dir: str, count: int, columns: int = 4, size: int = 256, max_images: int = 16) -> Image.Image:
     """The first `max_images` generated images in a grid of `size`-pixel tiles."""
-    n = min(count, max_images)
-    rows = (n + columns - 1) // columns
-    grid = Image.new("RGB", (columns * size, rows * size), "white")
-    for i, im in zip(range(n), _generated_images(images_dir, n)):
-        grid.paste(im.resize((size, size), Image.LANCZOS), ((i % columns) * size, (i // columns) * size))
-    return grid
+    from ..images import image_grid
+
+    return image_grid(_generated_images(images_dir, min(count, max_images)), columns, tile=size)
 
 
 def fid_transform_name(resolution: int | None) -> str:
