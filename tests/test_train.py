@@ -81,6 +81,12 @@ def test_both_stages_end_to_end(uninterrupted):
     assert pipe.scheduler.timesteps.tolist() == [499]
     card = (out / "final" / "README.md").read_text()
     assert "| path_nodes | 2 |" in card and "| generator_updates | 3 |" in card
+    # the saved settings use the flags' names: one name per setting
+    from diffusers_disback.distill import DisBackConfig
+
+    saved = DisBackConfig.from_dict(json.loads((out / "final" / "disback_config.json").read_text()))
+    assert (saved.backtrack_interval, saved.fake_score_update_ratio, saved.max_train_steps) == (2, 2, 6)
+    assert "| backtrack_interval | 2 |" in card
     assert (out / "validation" / "step-00000007.png").is_file()  # stage-2 step 3 = global step 7
     assert any(f.startswith("events.out.tfevents") for _, _, files in os.walk(out / "logs") for f in files)
     # K2 and the generator's warm-up count stage-2 iterations, as the reference does, and the generator is updated
