@@ -296,3 +296,21 @@ def test_compile_gives_the_uncompiled_weights(teacher, uninterrupted, tmp_path):
     expected, got = _final_unet(uninterrupted[0]), _final_unet(out)
     for k in expected:
         torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_dmd_and_warm_baselines_through_the_script(teacher, uninterrupted, tmp_path):
+    """`--method dmd` skips stage 1 and matches the teacher from the first update with the fake score from the
+    teacher; `--method warm` reuses a path but targets the teacher from the start, the fake score from its last node."""
+    out = tmp_path / "dmd"
+    proc = _run(_cmd(teacher, out, "--method", "dmd"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (out / "path").exists() and "stage 1" not in proc.stderr
+    assert [v for _, v in _scalars(out, "backtracking/target_node")] == [0.0, 0.0, 0.0]
+    assert json.loads((out / "final" / "disback_config.json").read_text())["method"] == "dmd"
+    warm = tmp_path / "warm"
+    args = ["--method", "warm", "--stage", "backtracking", "--path_dir", str(uninterrupted[0] / "path")]
+    proc = _run(_cmd(teacher, warm, *args))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [v for _, v in _scalars(warm, "backtracking/target_node")] == [0.0, 0.0, 0.0]
+    # a different start for the fake score than DMD's, the same target: different generators
+    assert any(not torch.equal(a, b) for a, b in zip(_final_unet(out).values(), _final_unet(warm).values()))

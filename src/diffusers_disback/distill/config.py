@@ -28,6 +28,14 @@ class DisBackConfig:
     paper's SDXL settings where it gives them (docs/training.md lists them with the reference code's values).
     """
 
+    method: str = _setting(
+        "disback",
+        "disback: record the path, then walk it back; dmd: no path (stage 1 skipped), the fake score and the target "
+        "are the teacher from the start (DMD2 without its GAN term, the baseline); warm: the path's last node starts "
+        "the fake score but the target is the teacher from the start (a control: what the path buys beyond a "
+        "better-initialised fake score)",
+        ("disback", "dmd", "warm"),
+    )
     # ------------------------------------------------------------------------------- stage 1: degradation recording
     degradation_steps: int = _setting(1000, "N1: stage-1 steps (paper: 1000)")
     path_interval: int = _setting(100, "K1: a path node every K1 stage-1 steps (paper: 100)")

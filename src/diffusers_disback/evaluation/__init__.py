@@ -72,3 +72,22 @@ __all__ = [
     "reference_stats_key",
     "sample_grid",
 ]
+
+# the shapes world's judge (reads colour, shape, position and background back from a generated 64x64 image)
+from .shapes_judge import (  # noqa: E402
+    ShapesJudge,
+    default_judge,
+    fd_in_judge_features,
+    frechet_distance_features,
+    judge_images,
+    train_judge,
+)
+
+__all__ += [
+    "ShapesJudge",
+    "default_judge",
+    "fd_in_judge_features",
+    "frechet_distance_features",
+    "judge_images",
+    "train_judge",
+]

@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Distill the shapes teacher with the real training script, then judge the teacher and the one-step generator.
+
+    python examples/shapes/distill_and_judge.py --teacher shapes-teacher --output_dir shapes-run [--method dmd]
+
+1. writes the training split's captions as the prompt file (the held-out colour-shape pairs are never trained on);
+2. runs `examples/train_disback/train_disback_sdxl.py` on the teacher, unchanged, with the settings below (any extra
+   arguments after `--` go to it);
+3. samples the teacher (Euler, 25 steps, CFG) and the distilled `DisBackPipeline` (one step) for every caption of
+   the world, the same seeds for both, scores both with the shapes judge (`diffusers_disback.evaluation`), and
+   writes `judge.json` and `grid.png` (teacher row above one-step row, held-out captions included).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from diffusers_disback import DisBackPipeline
+from diffusers_disback.evaluation import default_judge, fd_in_judge_features, judge_images
+from diffusers_disback.images import image_grid
+from diffusers_disback.shapes import all_scenes, write_prompts
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "..", "train_disback", "train_disback_sdxl.py")
+# what the shapes teacher distills with (a 6M-parameter UNet, 64x64 images, batch 16 on a CPU)
+SETTINGS = [
+    "--resolution", "64", "--train_batch_size", "16", "--mixed_precision", "no",
+    "--degradation_steps", "200", "--path_interval", "50", "--max_train_steps", "1500",
+    "--fake_score_update_ratio", "5", "--backtrack_interval", "250", "--learning_rate", "5e-5",
+    "--lr_warmup_steps", "0", "--guidance_scale", "5", "--conditioning_timestep", "399",
+    "--checkpointing_steps", "500", "--checkpoints_total_limit", "1", "--validation_steps", "250",
+]  # fmt: skip
+DEMO_PROMPTS = [
+    "a red circle in the top left on a black background",
+    "a green triangle in the bottom right on a gray background",
+    "a purple square in the top right on a black background",
+    "a orange circle in the bottom left on a gray background",
+    "a red triangle in the top left on a black background",  # held out: never trained on
+    "a blue circle in the bottom right on a gray background",  # held out
+    "a yellow square in the top right on a gray background",  # held out
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", required=True, help="the shapes teacher folder (examples/shapes/train_teacher.py)")
+    p.add_argument("--output_dir", default="shapes-run")
+    p.add_argument("--method", choices=["disback", "dmd", "warm"], default="disback")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher_steps", type=int, default=25)
+    p.add_argument("--teacher_guidance", type=float, default=5.0)
+    p.add_argument("--skip_training", action="store_true", help="judge an existing OUTPUT_DIR/final")
+    args, extra = p.parse_known_args(argv)
+    args.extra = [a for a in extra if a != "--"]
+    return args
+
+
+@torch.no_grad()
+def sample(pipe, prompts, seeds, **kwargs):
+    images = []
+    for prompt, seed in zip(prompts, seeds):
+        generator = torch.Generator().manual_seed(seed)
+        images += pipe(prompt, generator=generator, height=64, width=64, **kwargs).images
+    return images
+
+
+def judge_both(args) -> dict:
+    from diffusers import StableDiffusionXLPipeline
+
+    judge = default_judge()
+    prompts = [s.caption for s in all_scenes()]
+    seeds = list(range(len(prompts)))
+    held_out = [s.held_out for s in all_scenes()]
+    teacher = StableDiffusionXLPipeline.from_pretrained(args.teacher)
+    teacher.set_progress_bar_config(disable=True)
+    student = DisBackPipeline.from_pretrained(os.path.join(args.output_dir, "final"))
+    student.set_progress_bar_config(disable=True)
+    results = {}
+    images = {}
+    for name, pipe, kw in (
+        ("teacher", teacher, dict(num_inference_steps=args.teacher_steps, guidance_scale=args.teacher_guidance)),
+        ("one_step", student, {}),
+    ):
+        start = time.time()
+        images[name] = sample(pipe, prompts, seeds, **kw)
+        seen = [im for im, h in zip(images[name], held_out) if not h]
+        unseen = [im for im, h in zip(images[name], held_out) if h]
+        results[name] = {
+            "all_captions": judge_images(judge, images[name], prompts),
+            "training_captions": judge_images(judge, seen, [p for p, h in zip(prompts, held_out) if not h]),
+            "held_out_captions": judge_images(judge, unseen, [p for p, h in zip(prompts, held_out) if h]),
+            "seconds": time.time() - start,
+        }
+    results["fd_one_step_to_teacher"] = fd_in_judge_features(judge, images["one_step"], images["teacher"])
+    demo = [prompts.index(p) for p in DEMO_PROMPTS]
+    grid = image_grid([images["teacher"][i] for i in demo] + [images["one_step"][i] for i in demo], len(demo))
+    grid.save(os.path.join(args.output_dir, "grid.png"))
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    prompts = write_prompts(os.path.join(args.output_dir, "prompts.txt"), "train")
+    if not args.skip_training:
+        cmd = [sys.executable, SCRIPT, "--pretrained_teacher_model", args.teacher, "--output_dir", args.output_dir,
+               "--train_data_files", prompts, "--method", args.method, "--seed", str(args.seed),
+               "--validation_prompts", *DEMO_PROMPTS[:4], *SETTINGS, *args.extra]  # fmt: skip
+        if os.path.isdir(os.path.join(args.output_dir, "checkpoints")):
+            cmd += ["--resume_from_checkpoint", "latest"]
+        start = time.time()
+        subprocess.run(cmd, check=True)
+        print(f"distillation: {time.time() - start:.0f} s")
+    results = judge_both(args)
+    with open(os.path.join(args.output_dir, "judge.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    for name in ("teacher", "one_step"):
+        r = results[name]
+        print(
+            f"{name}: all-attribute accuracy {r['all_captions']['accuracy/all']:.3f} "
+            f"(training captions {r['training_captions']['accuracy/all']:.3f}, held-out "
+            f"{r['held_out_captions']['accuracy/all']:.3f})"
+        )
+    print(f"FD one-step to teacher (judge features): {results['fd_one_step_to_teacher']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
