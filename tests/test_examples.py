@@ -37,6 +37,7 @@ def test_demo(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "samples_one_step.png").is_file()
     assert out.stdout.count("max pixel difference to DisBackPipeline = 0/255") == 2
+    assert out.stdout.count("all-attribute accuracy") == 2  # the judge scores the teacher and the generator
     assert (tmp_path / "run" / "final" / "README.md").is_file()
     assert (tmp_path / "run" / "path" / "path_manifest.json").is_file()
     assert any(

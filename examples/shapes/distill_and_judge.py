@@ -23,7 +23,7 @@ import torch
 from diffusers_disback import DisBackPipeline
 from diffusers_disback.evaluation import default_judge, fd_in_judge_features, judge_images
 from diffusers_disback.images import image_grid
-from diffusers_disback.shapes import all_scenes, write_prompts
+from diffusers_disback.shapes import SHOWCASE_CAPTIONS, all_scenes, write_prompts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "..", "train_disback", "train_disback_sdxl.py")
@@ -35,15 +35,7 @@ SETTINGS = [
     "--lr_warmup_steps", "0", "--guidance_scale", "5", "--conditioning_timestep", "399",
     "--checkpointing_steps", "500", "--checkpoints_total_limit", "1", "--validation_steps", "250",
 ]  # fmt: skip
-DEMO_PROMPTS = [
-    "a red circle in the top left on a black background",
-    "a green triangle in the bottom right on a gray background",
-    "a purple square in the top right on a black background",
-    "a orange circle in the bottom left on a gray background",
-    "a red triangle in the top left on a black background",  # held out: never trained on
-    "a blue circle in the bottom right on a gray background",  # held out
-    "a yellow square in the top right on a gray background",  # held out
-]
+DEMO_PROMPTS = list(SHOWCASE_CAPTIONS)  # the last three are held-out pairs: never trained on
 
 
 def parse_args(argv=None):

@@ -266,7 +266,10 @@ def main(argv=None):
     print(f"{len(captions)} training latents, std {latents.std():.3f}; {len(set(captions))} distinct captions "
           f"of {len(all_scenes('train'))} in the training split")  # fmt: skip
     unet = train_unet(pipe, latents, encode_captions(pipe, captions), args.unet_steps, args.batch_size, args.seed)
-    pipe = StableDiffusionXLPipeline(vae, te, te2, tokenizer, tokenizer_2, unet, scheduler)
+    # stored in fp16 (14 MB: small enough for the repository; diffusers loads them back into fp32), the text encoders
+    # in fp32 (transformers would load fp16 weights as fp16)
+    pipe = StableDiffusionXLPipeline(vae.to(torch.float16), te, te2, tokenizer, tokenizer_2, unet.to(torch.float16),
+                                     scheduler)  # fmt: skip
     pipe.save_pretrained(out)
     print(f"teacher written to {out}")
 

@@ -42,6 +42,16 @@ ATTRIBUTES = {
 }
 # the compositional split: these colour-shape pairs never appear in training captions
 HELD_OUT_PAIRS = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
+# captions to show a model with: four trained combinations, then the three held-out pairs
+SHOWCASE_CAPTIONS = (
+    "a red circle in the top left on a black background",
+    "a green triangle in the bottom right on a gray background",
+    "a purple square in the top right on a black background",
+    "a orange circle in the bottom left on a gray background",
+    "a red triangle in the top left on a black background",
+    "a blue circle in the bottom right on a gray background",
+    "a yellow square in the top right on a gray background",
+)
 # every word a caption uses: the text encoders' whole-word vocabulary
 VOCABULARY = sorted(
     {"a", "in", "the", "on", "background"}

@@ -1,0 +1,51 @@
+"""Quality, not only mechanics: the SDXL training script distills the shapes teacher (a real text-to-image model in the
+SDXL architecture, `examples/shapes/teacher`) into a one-step generator whose images match their prompts, as read
+by the shapes judge. A silent error in the SDXL glue (conditioning, time ids, CFG, VAE scaling, timesteps, the path)
+makes this fail."""
+
+import os
+import subprocess
+import sys
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from diffusers_disback import DisBackPipeline
+from diffusers_disback.evaluation import default_judge, judge_images
+from diffusers_disback.shapes import all_scenes, write_prompts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "examples", "train_disback", "train_disback_sdxl.py")
+TEACHER = os.path.join(ROOT, "examples", "shapes", "teacher")
+
+
+def _one_step_accuracy(pipe) -> float:
+    pipe.set_progress_bar_config(disable=True)
+    captions = [s.caption for s in all_scenes()]
+    images = []
+    for start in range(0, len(captions), 48):
+        chunk = captions[start : start + 48]
+        generators = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
+        images += pipe(chunk, generator=generators, height=64, width=64).images
+    return judge_images(default_judge(), images, captions)["accuracy/all"]
+
+
+def test_the_script_distills_the_shapes_teacher_into_a_one_step_generator_that_follows_prompts(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, SCRIPT, "--pretrained_teacher_model", TEACHER, "--output_dir", str(out),
+           "--train_data_files", write_prompts(str(tmp_path / "prompts.txt"), "train"), "--resolution", "64",
+           "--train_batch_size", "16", "--mixed_precision", "no", "--degradation_steps", "40", "--path_interval", "20",
+           "--max_train_steps", "300", "--fake_score_update_ratio", "5", "--backtrack_interval", "100",
+           "--learning_rate", "1e-4", "--lr_warmup_steps", "0", "--guidance_scale", "5", "--checkpointing_steps",
+           "1000", "--validation_steps", "0", "--report_to", "none"]  # fmt: skip
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=1200, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    distilled = _one_step_accuracy(DisBackPipeline.from_pretrained(out / "final"))
+    # the same teacher used as a one-step generator before distillation: 0.15 (measured), the distilled one 0.73
+    teacher = DisBackPipeline.from_pretrained(out / "final")
+    teacher.unet.load_state_dict(UNet2DConditionModel.from_pretrained(TEACHER, subfolder="unet").state_dict())
+    before = _one_step_accuracy(teacher)
+    assert before < 0.3, before
+    assert distilled >= 0.45 and distilled - before >= 0.25, (distilled, before)
