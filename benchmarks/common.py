@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -350,6 +351,26 @@ def backtrack(
         if after_iteration is not None:
             after_iteration(iteration + 1, backtracking)
     return backtracking
+
+
+# ---------------------------------------------------------------------------------------------------- results
+
+
+def write_section(section: str, text: str, path: str, title: str, markers: tuple[str, str] = ("", "/")) -> None:
+    """
+    Replaces (or appends) the block `<!-- {markers[0]}section -->...<!-- {markers[1]}section -->` of the markdown
+    results file `path` (created with the heading `title`), leaving the other blocks alone.
+    """
+    begin, end = f"<!-- {markers[0]}{section} -->", f"<!-- {markers[1]}{section} -->"
+    old = open(path, encoding="utf-8").read() if os.path.isfile(path) else title.rstrip() + "\n"
+    block = f"{begin}\n{text.strip()}\n{end}"
+    if begin in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(new)
 
 
 # ---------------------------------------------------------------------------------------------------- metrics

@@ -385,17 +385,8 @@ def method_table(runs: dict, inits: list[str]) -> str:
 
 
 def write_section(name: str, text: str) -> None:
-    """Replaces (or appends) the section `name` of results/digits.md, keeping the other sections."""
-    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
-    old = open(RESULTS, encoding="utf-8").read() if os.path.isfile(RESULTS) else "# Digits benchmark results\n"
-    block = f"{begin}\n{text.strip()}\n{end}"
-    if begin in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w", encoding="utf-8") as f:
-        f.write(new)
+    """The section `name` of results/digits.md (`common.write_section`, `begin`/`end` markers)."""
+    common.write_section(name, text, RESULTS, "# Digits benchmark results", markers=("begin ", "end "))
 
 
 def plot_curves(runs: dict, inits: list[str], file: str) -> None:

@@ -48,6 +48,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "src"))
+sys.path.insert(1, HERE)  # common.py
 
 import diffusers_disback  # noqa: E402
 from diffusers_disback.testing import save_tiny_teacher  # noqa: E402
@@ -201,25 +202,6 @@ def render(label: str, results: dict, steps: tuple[int, int], threads: int, top:
     return "\n".join(lines)
 
 
-def write_section(section: str, text: str, path: str) -> None:
-    """Replaces (or appends) one `<!-- section -->` block of the results file, leaving the others alone."""
-    begin, end = f"<!-- {section} -->", f"<!-- /{section} -->"
-    old = (
-        open(path, encoding="utf-8").read()
-        if os.path.isfile(path)
-        else "# Operators per stage-2 iteration (`benchmarks/launches.py`)\n"
-    )
-    block = f"{begin}\n{text.strip()}\n{end}"
-    if begin in old:
-        head, rest = old.split(begin, 1)
-        new = head + block + rest.split(end, 1)[1]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(new)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
@@ -241,7 +223,9 @@ def main(argv=None):
         for mode in args.modes:
             results[mode] = measure(script, teacher, work, mode, tuple(args.steps), paths)
     text = render(args.label, results, tuple(args.steps), args.threads, args.top)
-    write_section(args.label, text, args.output)
+    from common import write_section
+
+    write_section(args.label, text, args.output, "# Operators per stage-2 iteration (`benchmarks/launches.py`)")
     print(text)
     print(f"[launches] written to {args.output}")
 

@@ -45,6 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "src"))
 
+import common  # noqa: E402
 from common import (  # noqa: E402
     DistillConfig,
     EpsMLP,
@@ -243,25 +244,8 @@ def floor_table(setups: dict[str, Setup]) -> str:
 
 
 def write_section(section: str, text: str, path: str = RESULTS) -> None:
-    """Replaces (or appends) one `<!-- section -->` block of the results file, leaving the others alone."""
-    begin, end = f"<!-- {section} -->", f"<!-- /{section} -->"
-    old = (
-        open(path, encoding="utf-8").read()
-        if os.path.isfile(path)
-        else "# Toy 2-D benchmark (`benchmarks/toy2d.py`)\n"
-    )
-    block = f"{begin}\n{text.strip()}\n{end}"
-    if begin in old:
-        head, rest = old.split(begin, 1)
-        new = head + block + rest.split(end, 1)[1]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(new)
-
-
-# ------------------------------------------------------------------------------------------------------- plots
+    """One `<!-- section -->` block of the results file (`common.write_section`)."""
+    common.write_section(section, text, path, "# Toy 2-D benchmark (`benchmarks/toy2d.py`)")
 
 
 def plot_curves(results: dict, file: str, metric: str = "swd") -> None:
