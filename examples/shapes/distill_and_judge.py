@@ -22,6 +22,7 @@ import torch
 
 from diffusers_disback import DisBackPipeline
 from diffusers_disback.evaluation import default_judge, fd_in_judge_features, judge_images
+from diffusers_disback.hub import append_card_section
 from diffusers_disback.images import image_grid
 from diffusers_disback.shapes import SHOWCASE_CAPTIONS, all_scenes, write_prompts
 
@@ -111,6 +112,18 @@ def main(argv=None):
     results = judge_both(args)
     with open(os.path.join(args.output_dir, "judge.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
+    rows = {}
+    for name in ("teacher", "one_step"):
+        for split in ("all_captions", "training_captions", "held_out_captions"):
+            rows[f"{name}: all-attribute accuracy, {split.replace('_', ' ')}"] = results[name][split]["accuracy/all"]
+    rows["FD one-step to teacher (judge features)"] = results["fd_one_step_to_teacher"]
+    append_card_section(
+        os.path.join(args.output_dir, "final"),
+        "Evaluation: the shapes judge",
+        rows,
+        f"Every caption of the shapes world, one image each (image i seeded i); the teacher at {args.teacher_steps} "
+        f"Euler steps with CFG {args.teacher_guidance:g}. `grid.png` beside this run shows both (docs/tutorial_shapes.md).",
+    )
     for name in ("teacher", "one_step"):
         r = results[name]
         print(

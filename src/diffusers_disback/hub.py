@@ -280,6 +280,18 @@ def save_for_hub(
     return save_directory
 
 
+def append_card_section(folder: str | os.PathLike, title: str, rows: dict, note: str = "") -> str:
+    """Appends a `## title` section with a two-column table of `rows` (and a `note` under it) to the model card
+    `folder/README.md`, e.g. evaluation numbers measured after the folder was written. Returns the card's path."""
+    path = os.path.join(os.fspath(folder), "README.md")
+    table = "| metric | value |\n| --- | --- |\n" + "".join(
+        f"| {k} | {f'{v:.3f}' if isinstance(v, float) else v} |\n" for k, v in rows.items()
+    )
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"\n## {title}\n\n{table}\n{note.strip()}\n" if note else f"\n## {title}\n\n{table}")
+    return path
+
+
 def _write_card(pipeline, folder, repo_id, base_model, kind, license, training, sample_prompts) -> None:
     """`samples.png` (rendered by the pipeline) and `README.md` of a repo folder."""
     if base_model is None and pipeline is not None:
