@@ -167,3 +167,13 @@ def test_card_metadata_parses():
     assert data["library_name"] == "diffusers" and data["pipeline_tag"] == "text-to-image"
     assert data["base_model"] == "user/base" and "disback" in data["tags"] and data["license"] == "openrail++"
     assert json.loads(json.dumps(data))  # serialisable
+
+
+def test_append_card_section_adds_a_table_to_the_card(tmp_path):
+    from diffusers_disback.hub import append_card_section
+
+    make_model_card("me/model").save(str(tmp_path / "README.md"))
+    path = append_card_section(tmp_path, "Evaluation: the shapes judge", {"accuracy": 0.79166, "images": 144}, "n")
+    text = open(path, encoding="utf-8").read()
+    assert text.rstrip().endswith("| accuracy | 0.792 |\n| images | 144 |\n\nn")
+    assert text.count("## Evaluation: the shapes judge") == 1 and text.startswith("---")
