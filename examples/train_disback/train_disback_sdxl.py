@@ -341,8 +341,8 @@ class Batches:
     """This rank's training batches: prompts (conditioning) with the generator's input noise, and real images for the
     GAN term, both from resumable streams; `rng` is the training noise (also of the losses)."""
 
-    def __init__(self, args, accelerator, frozen: FrozenModels, weight_dtype):
-        self.args, self.accelerator, self.frozen, self.weight_dtype = args, accelerator, frozen, weight_dtype
+    def __init__(self, args, accelerator, frozen: FrozenModels):
+        self.args, self.accelerator, self.frozen = args, accelerator, frozen
         rank, world = accelerator.process_index, accelerator.num_processes
         self.prompts = PromptStream(
             dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
@@ -477,7 +477,7 @@ class Run:
 def make_run(args, accelerator) -> Run:
     weight_dtype = weight_dtype_of(accelerator)
     frozen = load_frozen_models(args, accelerator, weight_dtype)
-    batches = Batches(args, accelerator, frozen, weight_dtype)
+    batches = Batches(args, accelerator, frozen)
     pusher = None
     if args.push_to_hub and accelerator.is_main_process:
         pusher = BackgroundPusher(args.hub_model_id, private=args.hub_private or None, token=args.hub_token)
