@@ -21,9 +21,11 @@ See examples/train_disback/README.md for accelerate configs (single, DDP, FSDP2,
 import argparse
 import copy
 import importlib.util
+import json
 import logging
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -166,11 +168,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=["a photo of an astronaut riding a horse on mars", "a red fox in a snowy forest"],
     )
     # in-training evaluation (off by default): FID / CLIP score of one-step samples on a small caption set
-    p.add_argument("--eval_steps", type=int, default=0, help="every N stage-2 steps compute FID/CLIP (0: never)")
+    p.add_argument(
+        "--eval_steps",
+        type=int,
+        default=0,
+        help="every N stage-2 steps (and before the first) compute FID/CLIP, or the shapes judge's metrics (0: never); "
+        "also appended to OUTPUT_DIR/eval/metrics.jsonl",
+    )
     p.add_argument(
         "--eval_dataset",
         default=None,
-        help="captioned images: a datasets Hub id or a local imagefolder (metadata.jsonl)",
+        help="captioned images: a datasets Hub id or a local imagefolder (metadata.jsonl); 'shapes': the shapes world, "
+        "scored by the shapes judge (accuracy and FD in its features; docs/tutorial_shapes.md)",
     )
     p.add_argument("--eval_dataset_split", default=None, help="default: train (local folder) / validation (Hub)")
     p.add_argument("--eval_num_prompts", type=int, default=256, help="captions (and reference images) to use")
@@ -402,6 +411,14 @@ class Run:
     state: RunState = field(default_factory=RunState)
     pusher: BackgroundPusher | None = None
     checkpoint_count: int = 0
+    stage2_started: float | None = None  # perf_counter() when this process began stage-2 iterations
+    eval_seconds: float = 0.0  # of it, spent in evaluate()
+
+    def stage2_seconds(self) -> float:
+        """Seconds of stage-2 iterations in this process so far, evaluation excluded (0 before the first)."""
+        if self.stage2_started is None:
+            return 0.0
+        return time.perf_counter() - self.stage2_started - self.eval_seconds
 
     @property
     def config(self) -> DisBackConfig:
@@ -560,10 +577,17 @@ def setup_evaluation(run: Run) -> dict:
     )
 
     args, acc = run.args, run.accelerator
-    captions = CaptionSet.from_dataset(args.eval_dataset, args.eval_dataset_split, args.eval_num_prompts)
+    if args.eval_dataset == "shapes":
+        captions = CaptionSet.from_shapes()
+    else:
+        captions = CaptionSet.from_dataset(args.eval_dataset, args.eval_dataset_split, args.eval_num_prompts)
     setup = {"captions": captions.captions}
     if not acc.is_main_process:
         return setup
+    if args.eval_dataset == "shapes":
+        from diffusers_disback.evaluation import default_judge
+
+        return {**setup, "judge": default_judge(acc.device), "reference": list(captions.images())}
     if args.eval_feature_extractor == "tiny":
         from diffusers_disback.testing import TinyFeatureExtractor
 
@@ -597,10 +621,12 @@ def setup_evaluation(run: Run) -> dict:
 @torch.no_grad()
 def evaluate(run: Run, setup: dict, generator_unet, step: int) -> None:
     """FID (and CLIP score) of one-step samples for the eval captions, fixed seeds (`seed + i`), logged as
-    `eval/fid` and `eval/clip_score`."""
+    `eval/fid` and `eval/clip_score` (with `--eval_dataset shapes`: `eval/shapes_accuracy`, per attribute, and
+    `eval/shapes_fd` to renders) and appended to `OUTPUT_DIR/eval/metrics.jsonl` with the stage-2 seconds so far."""
     from diffusers_disback.evaluation import fid_against
 
     acc, args = run.accelerator, run.args
+    began = time.perf_counter()
     captions, images, generate = setup["captions"], [], run.generate_fn(generator_unet)
     for start in range(0, len(captions), args.train_batch_size):
         chunk = captions[start : start + args.train_batch_size]
@@ -616,14 +642,25 @@ def evaluate(run: Run, setup: dict, generator_unet, step: int) -> None:
             images += to_pil(decode(run, x0))
     if not acc.is_main_process:
         return
-    fid = fid_against(setup["stats"], lambda: iter(images), setup["extractor"], setup["transform"], device=acc.device)
-    logs = {"eval/fid": fid}
-    if setup["scorer"] is not None:
-        scorer = setup["scorer"].to(acc.device)
-        logs["eval/clip_score"] = scorer.score(images, captions)
-        scorer.to("cpu")
+    if "judge" in setup:
+        from diffusers_disback.evaluation import shapes_metrics
+
+        logs = {f"eval/{k}": v for k, v in shapes_metrics(images, captions, setup["reference"], setup["judge"]).items()}
+    else:
+        fid = fid_against(setup["stats"], lambda: iter(images), setup["extractor"], setup["transform"], device=acc.device)
+        logs = {"eval/fid": fid}
+        if setup["scorer"] is not None:
+            scorer = setup["scorer"].to(acc.device)
+            logs["eval/clip_score"] = scorer.score(images, captions)
+            scorer.to("cpu")
     run.log(logs, step)
+    record = {"step": step, "stage_step": run.state.stage_step, "stage2_seconds": run.stage2_seconds(), **logs}
+    os.makedirs(os.path.join(args.output_dir, "eval"), exist_ok=True)
+    with open(os.path.join(args.output_dir, "eval", "metrics.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
     logger.info(f"evaluation at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+    if run.stage2_started is not None:
+        run.eval_seconds += time.perf_counter() - began
 
 
 def progress_bar(run: Run, total: int, desc: str):
@@ -808,6 +845,9 @@ def run_backtracking(run: Run, plan: ResumePlan) -> tuple[torch.nn.Module, Degra
         reduce=lambda d: acc.reduce(d, reduction="mean").item(),
     )
     eval_setup = setup_evaluation(run) if args.eval_steps else None
+    if args.eval_steps and run.state.stage_step == 0:
+        evaluate(run, eval_setup, generator, run.state.global_step)  # where the curve starts
+    run.stage2_started = time.perf_counter()
     for _ in (progress := progress_bar(run, config.max_train_steps, "stage 2: backtracking")):
         lr = sched_g.get_last_lr()[0]  # the LR of this iteration's generator update, if it has one
         logs = step_fn(run.state.stage_step, run.batches())

@@ -107,9 +107,11 @@ def _evaluate(args) -> int:
         changes["clip_pretrained"] = args.clip_pretrained
     protocol = dataclasses.replace(protocol, **changes)
     sources = [bool(args.captions_file), bool(args.coco_annotations), bool(args.dataset)]
-    if sum(sources) != 1:
+    if sum(sources) == 0 and protocol.name == "shapes":
+        captions = CaptionSet.from_shapes()
+    elif sum(sources) != 1:
         raise SystemExit("error: give exactly one caption source: --coco-annotations, --dataset or --captions-file")
-    if args.coco_annotations:
+    elif args.coco_annotations:
         if not args.coco_images:
             raise SystemExit("error: --coco-annotations needs --coco-images (the folder of val2014 images)")
         captions = CaptionSet.from_coco(args.coco_annotations, args.coco_images, protocol.num_prompts, args.coco_seed)
@@ -140,8 +142,8 @@ def _evaluate(args) -> int:
         from .testing import get_tiny_clip_scorer
 
         clip_scorer = get_tiny_clip_scorer(protocol.clip_prefix, protocol.clip_resolution)
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-    if args.clip_model == "none":
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    if args.clip_model == "none" and metrics:
         metrics = [m for m in metrics if m != "clip_score"]
     record = evaluate(
         pipe,
@@ -217,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("model", help="pipeline folder or Hub id (with --checkpoint: the SDXL base model)")
     e.add_argument("--output", required=True, help="folder for images/, metrics.json and grid.png (resumable)")
-    e.add_argument("--protocol", default="sdxl-coco10k", help="sdxl-coco10k (default) or sd15-coco30k")
+    e.add_argument("--protocol", default="sdxl-coco10k", help="sdxl-coco10k (default), sd15-coco30k, or shapes (the shapes world; no caption source needed)")
     src = e.add_argument_group("captions and reference images (one caption source)")
     src.add_argument("--coco-annotations", help="COCO captions file, e.g. annotations/captions_val2014.json")
     src.add_argument("--coco-images", help="the folder of the COCO images (e.g. val2014/)")
@@ -245,7 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="open_clip model (default ViT-g-14); 'none' skips the score; 'tiny': a random stand-in for tests",
     )
     ov.add_argument("--clip-pretrained", default=None, help="open_clip weights tag (default laion2b_s12b_b42k)")
-    e.add_argument("--metrics", default="fid,patch_fid,clip_score", help="comma-separated subset")
+    e.add_argument(
+        "--metrics",
+        default=None,
+        help="comma-separated subset of fid,patch_fid,clip_score,shapes (default: fid,patch_fid,clip_score; "
+        "shapes for --protocol shapes)",
+    )
     e.add_argument("--checkpoint", default=None, help="a raw UNet checkpoint (.bin/.safetensors) to put into MODEL")
     e.add_argument("--batch-size", type=int, default=8, help="images per pipeline call per process")
     e.add_argument("--feature-batch-size", type=int, default=64)

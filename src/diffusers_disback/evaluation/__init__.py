@@ -15,6 +15,7 @@ from .data import CaptionSet, image_folder
 from .evaluate import (
     METRICS,
     ReferenceImages,
+    default_metrics,
     evaluate,
     fid_against,
     fid_transform_name,
@@ -54,6 +55,7 @@ __all__ = [
     "clean_resizer",
     "clip_transform",
     "compute_features",
+    "default_metrics",
     "evaluate",
     "extractor_id",
     "feature_statistics",
@@ -80,6 +82,7 @@ from .shapes_judge import (  # noqa: E402
     fd_in_judge_features,
     frechet_distance_features,
     judge_images,
+    shapes_metrics,
     train_judge,
 )
 
@@ -89,5 +92,6 @@ __all__ += [
     "fd_in_judge_features",
     "frechet_distance_features",
     "judge_images",
+    "shapes_metrics",
     "train_judge",
 ]

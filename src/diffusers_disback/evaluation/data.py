@@ -1,12 +1,13 @@
 """Captions to generate from and reference images to compare against.
 
-One type, [`CaptionSet`], from four kinds of source:
+One type, [`CaptionSet`], from five kinds of source:
 
 - a text file, one caption per line (e.g. the 10k-caption list a paper used): captions only;
 - COCO annotations (`captions_val2014.json`) and the image folder: one caption per image (the annotation with the
   lowest id), images in id order, or a seeded random subset of them;
 - a dataset with `datasets`: a Hub id, or a local folder in the `imagefolder` layout (images + `metadata.jsonl`
   with a caption column), streamed, first `num` rows;
+- the shapes world (`CaptionSet.from_shapes`): every caption with a fresh render;
 - a folder of images (reference only, e.g. a paper's reference set): [`image_folder`].
 
 Every set carries a `fingerprint` of what it was built from, which keys the cache of reference statistics.
@@ -76,6 +77,30 @@ class CaptionSet:
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
         return cls(captions, source=path, fingerprint=_sha("text", digest, len(captions)))
+
+    @classmethod
+    def from_shapes(cls, split: str = "all", seed_base: int | None = None) -> CaptionSet:
+        """
+        Every caption of the shapes world's `split` (`diffusers_disback.shapes`; 144 for "all"), each with a fresh
+        render (seed `seed_base + i`; default the judge's evaluation seeds, never used to train it) as its reference
+        image. What `disback evaluate --protocol shapes` scores against (docs/evaluation.md).
+        """
+        from ..shapes import all_scenes, render
+        from .shapes_judge import EVAL_SEED_BASE
+
+        base = EVAL_SEED_BASE if seed_base is None else seed_base
+        scenes = all_scenes(split)
+
+        def load() -> Iterator[Image.Image]:
+            for i, scene in enumerate(scenes):
+                yield render(scene, base + i)
+
+        return cls(
+            [s.caption for s in scenes],
+            source=f"shapes:{split}",
+            fingerprint=_sha("shapes", split, base, [s.caption for s in scenes]),
+            image_loader=load,
+        )
 
     @classmethod
     def from_coco(cls, annotations: str, images_dir: str, num: int | None = None, seed: int = 0) -> CaptionSet:

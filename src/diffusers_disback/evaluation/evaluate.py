@@ -32,7 +32,12 @@ from .protocol import EvalProtocol
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("fid", "patch_fid", "clip_score")
+METRICS = ("fid", "patch_fid", "clip_score", "shapes")
+
+
+def default_metrics(protocol: EvalProtocol) -> tuple[str, ...]:
+    """What `evaluate` computes unless told: the shapes judge for the `shapes` protocol, else FID, patch-FID and CLIP."""
+    return ("shapes",) if protocol.name == "shapes" else ("fid", "patch_fid", "clip_score")
 RESULTS_FILE = "metrics.json"
 
 
@@ -136,7 +141,7 @@ def evaluate(
     output_dir: str,
     protocol: EvalProtocol,
     reference: ReferenceImages | None = None,
-    metrics: Sequence[str] = METRICS,
+    metrics: Sequence[str] | None = None,
     batch_size: int = 8,
     feature_extractor: FeatureExtractor | None = None,
     clip_scorer: ClipScorer | None = None,
@@ -155,7 +160,11 @@ def evaluate(
     Args:
         pipeline: a text-to-image pipeline on its device.
         captions: what to generate; the first `protocol.num_prompts` are used.
-        reference: reference images for FID/patch-FID (default: the caption set's own images, if it has them).
+        reference: reference images for FID/patch-FID and the shapes FD (default: the caption set's own images, if
+            it has them).
+        metrics: any of `METRICS` (default [`default_metrics`]). `shapes` scores a shapes-world model with the shapes
+            judge: `shapes_accuracy` (all four attributes right), `shapes_accuracy_<attribute>`, and `shapes_fd`, the
+            Fréchet distance in the judge's features to `reference` (renders, or e.g. a teacher's images).
         feature_extractor: stands in for clean-fid's Inception (default), e.g. a tiny one in tests.
         clip_scorer: stands in for the protocol's open_clip model (default).
         stats_cache: folder for reference statistics (default `$HF_HOME/diffusers_disback/fid_stats`).
@@ -163,6 +172,7 @@ def evaluate(
     from accelerate import PartialState
 
     state = PartialState()
+    metrics = default_metrics(protocol) if metrics is None else metrics
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {list(METRICS)}")
@@ -178,9 +188,9 @@ def evaluate(
         reference = ReferenceImages.from_caption_set(captions, protocol.num_prompts)
     if not metrics:
         raise ValueError("no metric left to compute (check --metrics, --no-patch-fid and --clip-model)")
-    if any(m in metrics for m in ("fid", "patch_fid")) and reference is None:
+    if any(m in metrics for m in ("fid", "patch_fid", "shapes")) and reference is None:
         raise ValueError(
-            f"FID needs reference images, and {captions.source} has captions only: pass a reference folder or a "
+            f"FID (and the shapes FD) needs reference images, and {captions.source} has captions only: pass a reference folder or a "
             "dataset with images (or evaluate the CLIP score alone)"
         )
     device = device if device is not None else state.device
@@ -250,6 +260,13 @@ def evaluate(
         )
         results["clip_score"] = scorer.score(_generated_images(images_dir, n), prompts, feature_batch_size, show)
         details["clip_score"] = {"model": scorer.name, "prefix": scorer.prefix, "resolution": scorer.resolution}
+
+    if "shapes" in metrics:
+        from .shapes_judge import default_judge, shapes_metrics
+
+        images = list(_generated_images(images_dir, n))
+        results.update(shapes_metrics(images, prompts, list(reference.loader()), default_judge(device)))
+        details["shapes"] = {"judge": "diffusers_disback.evaluation.default_judge", "reference": reference.source}
 
     grid = sample_grid(images_dir, n)
     atomic_write(os.path.join(output_dir, "grid.png"), grid.save)

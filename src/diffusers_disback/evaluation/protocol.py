@@ -8,6 +8,10 @@ Two presets follow DMD2's published evaluation (the protocol DisBack's SDXL numb
   centre-cropped and LANCZOS-resized to 256 first, captions prefixed with "A photo depicts ".
 - `sd15-coco30k`: 30k captions, generated at 512², FID at 256.
 
+A third, `shapes`, scores a model of the shapes world (docs/tutorial_shapes.md): its 144 captions at 64², read back by
+the shapes judge (metric `shapes`: per-attribute and all-attribute accuracy, and the Fréchet distance in the judge's
+features to the reference images).
+
 Anything else (fewer prompts, other resolutions, steps, guidance) is `dataclasses.replace(protocol, ...)`; the
 result file records the protocol it ran, so a number is never separated from what produced it.
 """
@@ -77,11 +81,16 @@ PROTOCOLS: dict[str, EvalProtocol] = {
     "sd15-coco30k": EvalProtocol(
         name="sd15-coco30k", num_prompts=30_000, resolution=512, fid_resolution=256, patch_fid=True
     ),
+    # the shapes world (docs/tutorial_shapes.md): every caption once at 64x64, scored by the shapes judge
+    "shapes": EvalProtocol(
+        name="shapes", num_prompts=144, resolution=64, fid_resolution=None, patch_fid=False, clip_model=None,
+        clip_pretrained=None,
+    ),  # fmt: skip
 }
 
 
 def get_protocol(name: str) -> EvalProtocol:
-    """A preset by name (`sdxl-coco10k`, `sd15-coco30k`)."""
+    """A preset by name (`sdxl-coco10k`, `sd15-coco30k`, `shapes`)."""
     if name not in PROTOCOLS:
         raise ValueError(f"unknown protocol {name!r}; choose from {sorted(PROTOCOLS)}")
     return PROTOCOLS[name]

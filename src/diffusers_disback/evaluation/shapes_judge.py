@@ -49,6 +49,7 @@ __all__ = [
     "fd_in_judge_features",
     "frechet_distance_features",
     "judge_images",
+    "shapes_metrics",
     "train_judge",
 ]
 
@@ -335,6 +336,27 @@ def fd_in_judge_features(judge: ShapesJudge, images_a, images_b, batch_size: int
     return frechet_distance_features(
         _all_features(judge, images_a, batch_size), _all_features(judge, images_b, batch_size)
     )
+
+
+def shapes_metrics(images, captions: list[str], reference_images, judge: ShapesJudge | None = None) -> dict[str, float]:
+    """
+    What `evaluate(..., metrics=["shapes"])` reports for generated `images` of `captions`: `shapes_accuracy` (all four
+    attributes read back right), `shapes_accuracy_<attribute>`, the first split over training and held-out captions
+    (`shapes_accuracy_training_captions`, `shapes_accuracy_held_out_captions`) when both are there, and `shapes_fd`, the Fréchet distance in the judge's
+    features to `reference_images` (renders of the captions, or another model's images). Default: the committed judge.
+    """
+    judge = default_judge() if judge is None else judge
+    read = judge_images(judge, images, captions)
+    out = {"shapes_accuracy": read.pop("accuracy/all")}
+    out.update({f"shapes_{k.replace('/', '_')}": v for k, v in read.items()})
+    held_out = [Scene.from_caption(c).held_out for c in captions]
+    if any(held_out) and not all(held_out):  # the compositional split, when both sides are there
+        for name, keep in (("training", False), ("held_out", True)):
+            pick = [i for i, h in enumerate(held_out) if h == keep]
+            subset = judge_images(judge, [images[i] for i in pick], [captions[i] for i in pick])
+            out[f"shapes_accuracy_{name}_captions"] = subset["accuracy/all"]
+    out["shapes_fd"] = fd_in_judge_features(judge, images, reference_images)
+    return out
 
 
 def evaluate_judge(judge: ShapesJudge, n: int = 2000, seed_base: int = EVAL_SEED_BASE, blur: float = 0.0) -> dict:

@@ -1,0 +1,245 @@
+#!/usr/bin/env python
+"""DMD, DisBack and the warm control through the SDXL training script on the shapes teacher: seeds x initialisations,
+with accuracy curves over iterations and wall time with stage 1 counted.
+
+    python benchmarks/shapes_compare.py                                  # 3 methods x 3 seeds x 2 inits (~90 min, 2 cores)
+    python benchmarks/shapes_compare.py --seeds 0 --inits teacher        # one seed, teacher-initialised
+
+Every run is `examples/train_disback/train_disback_sdxl.py`, unchanged, with the settings of
+`examples/shapes/distill_and_judge.py` (docs/tutorial_shapes.md). Per seed and initialisation:
+
+1. stage 1 once (`--stage degradation`, 200 steps, a node every 50): DisBack's path, which the warm control reuses
+   (the same cost is charged to both);
+2. stage 2 for each method (`--stage backtracking`; DMD reads no path), with `--eval_steps` scoring the one-step
+   generator on every caption of the world with the shapes judge (the curve: `OUTPUT/<run>/eval/metrics.jsonl`);
+3. the final pipeline through the evaluation API (`evaluate(..., get_protocol("shapes"))`, what `disback evaluate
+   --protocol shapes` runs): all-attribute accuracy on all, training and held-out captions, and the Fréchet distance
+   in the judge's features to the teacher's own samples (25 Euler steps, CFG 5, the same seeds).
+
+"random" initialises the generator as a freshly initialised UNet of the teacher's config (`torch.manual_seed(seed)`).
+Finished runs are kept and skipped on a rerun. Writes `OUTPUT/results.json`, a markdown report (`--report`) and a
+plot of the curves (`--plot`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SCRIPT = os.path.join(ROOT, "examples", "train_disback", "train_disback_sdxl.py")
+sys.path.insert(0, os.path.join(ROOT, "examples", "shapes"))
+from distill_and_judge import DEMO_PROMPTS, SETTINGS  # noqa: E402
+
+from diffusers_disback.shapes import write_prompts  # noqa: E402
+
+METHODS = ("dmd", "disback", "warm")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", default=os.path.join(ROOT, "examples", "shapes", "teacher"))
+    p.add_argument("--output_dir", default="shapes-compare")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--inits", nargs="+", choices=["teacher", "random"], default=["teacher", "random"])
+    p.add_argument("--max_train_steps", type=int, default=1500)
+    p.add_argument("--eval_steps", type=int, default=250)
+    p.add_argument("--report", default=os.path.join(HERE, "results", "shapes_compare.md"))
+    p.add_argument("--plot", default=os.path.join(ROOT, "docs", "images", "shapes_curves.png"))
+    return p.parse_args(argv)
+
+
+def run_script(args, out: str, extra: list[str]) -> float:
+    """One invocation of the training script; returns its wall time (kept in OUT/wall.json so reruns skip it)."""
+    marker = os.path.join(out, "wall.json")
+    if os.path.exists(marker):
+        with open(marker) as f:
+            return json.load(f)["seconds"]
+    cmd = [sys.executable, SCRIPT, "--pretrained_teacher_model", args.teacher, "--output_dir", out,
+           "--train_data_files", args.prompts, "--validation_prompts", *DEMO_PROMPTS[:4], *SETTINGS,
+           "--max_train_steps", str(args.max_train_steps), "--report_to", "none", *extra]  # fmt: skip
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    seconds = time.perf_counter() - start
+    with open(marker, "w") as f:
+        json.dump({"seconds": seconds, "command": cmd}, f)
+    return seconds
+
+
+def random_generator(args, seed: int) -> str:
+    from diffusers import UNet2DConditionModel
+
+    folder = os.path.join(args.output_dir, f"random-unet-{seed}")
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        config = UNet2DConditionModel.load_config(args.teacher, subfolder="unet")
+        torch.manual_seed(seed)
+        UNet2DConditionModel.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def judge_final(args, run_dir: str, teacher_images: str) -> dict:
+    from diffusers_disback import DisBackPipeline
+    from diffusers_disback.evaluation import CaptionSet, ReferenceImages, evaluate, get_protocol
+
+    pipe = DisBackPipeline.from_pretrained(os.path.join(run_dir, "final"))
+    record = evaluate(
+        pipe, CaptionSet.from_shapes(), os.path.join(run_dir, "judge"), get_protocol("shapes"),
+        reference=ReferenceImages.from_folder(teacher_images), progress=False,
+    )  # fmt: skip
+    return record["metrics"]
+
+
+def teacher_samples(args) -> tuple[str, dict]:
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffusers_disback.evaluation import CaptionSet, evaluate, get_protocol
+
+    out = os.path.join(args.output_dir, "teacher")
+    protocol = get_protocol("shapes").replace(num_inference_steps=25, guidance_scale=5.0)
+    pipe = StableDiffusionXLPipeline.from_pretrained(args.teacher, torch_dtype=torch.float32)
+    record = evaluate(pipe, CaptionSet.from_shapes(), out, protocol, progress=False)
+    return os.path.join(out, "images"), record["metrics"]
+
+
+def curve(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "eval", "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    last = {}
+    for r in records:  # a resumed run may repeat a step: keep the last
+        last[r["stage_step"]] = r
+    return [last[k] for k in sorted(last)]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    args.prompts = write_prompts(os.path.join(args.output_dir, "prompts.txt"), "train")
+    teacher_images, teacher_metrics = teacher_samples(args)
+    print(f"teacher (25 steps, CFG 5): {teacher_metrics}", flush=True)
+    runs = []
+    for init in args.inits:
+        for seed in args.seeds:
+            common = ["--seed", str(seed)]
+            if init == "random":
+                common += ["--pretrained_generator", random_generator(args, seed)]
+            stage1_dir = os.path.join(args.output_dir, f"{init}-s{seed}-stage1")
+            stage1 = 0.0
+            if {"disback", "warm"} & set(args.methods):
+                stage1 = run_script(args, stage1_dir, [*common, "--stage", "degradation", "--method", "disback"])
+            for method in args.methods:
+                run_dir = os.path.join(args.output_dir, f"{init}-s{seed}-{method}")
+                extra = [*common, "--stage", "backtracking", "--method", method, "--eval_steps", str(args.eval_steps),
+                         "--eval_dataset", "shapes"]  # fmt: skip
+                if method != "dmd":
+                    extra += ["--path_dir", os.path.join(stage1_dir, "path")]
+                stage2 = run_script(args, run_dir, extra)
+                final = judge_final(args, run_dir, teacher_images)
+                runs.append(
+                    {
+                        "init": init, "seed": seed, "method": method,
+                        "stage1_steps": 0 if method == "dmd" else 200, "stage2_iterations": args.max_train_steps,
+                        "stage1_seconds": 0.0 if method == "dmd" else stage1, "stage2_seconds": stage2,
+                        "final": final, "curve": curve(run_dir),
+                    }
+                )  # fmt: skip
+                print(f"{init} seed {seed} {method}: accuracy {final['shapes_accuracy']:.3f}", flush=True)
+                with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+                    json.dump({"teacher": teacher_metrics, "runs": runs}, f, indent=2)
+    write_report(args, teacher_metrics, runs)
+
+
+def _mean_sd(values: list[float], digits: int = 3) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def write_report(args, teacher: dict, runs: list[dict]) -> None:
+    lines = [
+        "# Shapes: DMD, DisBack and the warm control through the SDXL script",
+        "",
+        f"`python benchmarks/shapes_compare.py --seeds {' '.join(map(str, args.seeds))} --inits {' '.join(args.inits)}`"
+        f" — {args.max_train_steps} stage-2 iterations; mean ± sd over seeds; wall times of the whole invocation "
+        "(model loading included, in-training evaluation included in stage 2), measured in this run.",
+        "",
+        f"Teacher (25 Euler steps, CFG 5): all-attribute accuracy {teacher['shapes_accuracy']:.3f} (training "
+        f"captions {teacher['shapes_accuracy_training_captions']:.3f}, held-out "
+        f"{teacher['shapes_accuracy_held_out_captions']:.3f}).",
+        "",
+        "| init | method | seeds | stage-1 steps + stage-2 iterations | all-attribute accuracy | training captions "
+        "| held-out captions | FD to the teacher (judge features) | wall time, stage 1 + stage 2 (s) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for init in args.inits:
+        for method in args.methods:
+            rs = [r for r in runs if r["init"] == init and r["method"] == method]
+            if not rs:
+                continue
+            f = [r["final"] for r in rs]
+            walls = [r["stage1_seconds"] + r["stage2_seconds"] for r in rs]
+            lines.append(
+                f"| {init} | {method} | {len(rs)} | {rs[0]['stage1_steps']} + {rs[0]['stage2_iterations']} "
+                f"| {_mean_sd([x['shapes_accuracy'] for x in f])} "
+                f"| {_mean_sd([x['shapes_accuracy_training_captions'] for x in f])} "
+                f"| {_mean_sd([x['shapes_accuracy_held_out_captions'] for x in f])} "
+                f"| {_mean_sd([x['shapes_fd'] for x in f], 1)} "
+                f"| {statistics.mean(r['stage1_seconds'] for r in rs):.0f} + "
+                f"{statistics.mean(r['stage2_seconds'] for r in rs):.0f} = {statistics.mean(walls):.0f} |"
+            )
+    lines += ["", "Curves: one-step all-attribute accuracy (every caption, the in-training evaluation), mean over "
+              "seeds, by stage-2 iteration.", ""]  # fmt: skip
+    steps = sorted({p["stage_step"] for r in runs for p in r["curve"]})
+    lines.append("| init | method | " + " | ".join(str(s) for s in steps) + " |")
+    lines.append("| --- | --- | " + " | ".join("---:" for _ in steps) + " |")
+    for init in args.inits:
+        for method in args.methods:
+            rs = [r for r in runs if r["init"] == init and r["method"] == method]
+            if rs:
+                cells = []
+                for s in steps:
+                    vals = [p["eval/shapes_accuracy"] for r in rs for p in r["curve"] if p["stage_step"] == s]
+                    cells.append(f"{statistics.mean(vals):.3f}" if vals else "")
+                lines.append(f"| {init} | {method} | " + " | ".join(cells) + " |")
+    os.makedirs(os.path.dirname(args.report), exist_ok=True)
+    with open(args.report, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(args, runs)
+
+
+def plot(args, runs: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.inits), figsize=(5 * len(args.inits), 3.6), squeeze=False)
+    colours = {"dmd": "tab:blue", "disback": "tab:red", "warm": "tab:green"}
+    for ax, init in zip(axes[0], args.inits):
+        for method in args.methods:
+            for i, r in enumerate(x for x in runs if x["init"] == init and x["method"] == method):
+                xs = [p["stage_step"] for p in r["curve"]]
+                ys = [p["eval/shapes_accuracy"] for p in r["curve"]]
+                ax.plot(xs, ys, color=colours[method], alpha=0.8, label=method if i == 0 else None)
+        ax.set_title(f"generator initialised from the {init}" if init == "teacher" else "random generator")
+        ax.set_xlabel("stage-2 iteration")
+        ax.set_ylabel("one-step all-attribute accuracy")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(args.plot), exist_ok=True)
+    fig.savefig(args.plot, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
