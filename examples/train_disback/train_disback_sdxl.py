@@ -618,6 +618,17 @@ def setup_evaluation(run: Run) -> dict:
     return setup
 
 
+def start_evaluation(run: Run, generator_unet) -> dict | None:
+    """The evaluation setup if `--eval_steps` asks for one, with a first evaluation before stage 2's first iteration
+    (where the curve starts)."""
+    if not run.args.eval_steps:
+        return None
+    setup = setup_evaluation(run)
+    if run.state.stage_step == 0:
+        evaluate(run, setup, generator_unet, run.state.global_step)
+    return setup
+
+
 @torch.no_grad()
 def evaluate(run: Run, setup: dict, generator_unet, step: int) -> None:
     """FID (and CLIP score) of one-step samples for the eval captions, fixed seeds (`seed + i`), logged as
@@ -645,9 +656,13 @@ def evaluate(run: Run, setup: dict, generator_unet, step: int) -> None:
     if "judge" in setup:
         from diffusers_disback.evaluation import shapes_metrics
 
-        logs = {f"eval/{k}": v for k, v in shapes_metrics(images, captions, setup["reference"], setup["judge"]).items()}
+        logs = {
+            f"eval/{k}": v for k, v in shapes_metrics(images, captions, setup["reference"], setup["judge"]).items()
+        }
     else:
-        fid = fid_against(setup["stats"], lambda: iter(images), setup["extractor"], setup["transform"], device=acc.device)
+        fid = fid_against(
+            setup["stats"], lambda: iter(images), setup["extractor"], setup["transform"], device=acc.device
+        )
         logs = {"eval/fid": fid}
         if setup["scorer"] is not None:
             scorer = setup["scorer"].to(acc.device)
@@ -844,9 +859,7 @@ def run_backtracking(run: Run, plan: ResumePlan) -> tuple[torch.nn.Module, Degra
         gan=gan_term(run, fake, config.gan_loss_weight) if gan else None,
         reduce=lambda d: acc.reduce(d, reduction="mean").item(),
     )
-    eval_setup = setup_evaluation(run) if args.eval_steps else None
-    if args.eval_steps and run.state.stage_step == 0:
-        evaluate(run, eval_setup, generator, run.state.global_step)  # where the curve starts
+    eval_setup = start_evaluation(run, generator)
     run.stage2_started = time.perf_counter()
     for _ in (progress := progress_bar(run, config.max_train_steps, "stage 2: backtracking")):
         lr = sched_g.get_last_lr()[0]  # the LR of this iteration's generator update, if it has one

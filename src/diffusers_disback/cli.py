@@ -80,32 +80,10 @@ def _push(args) -> int:
     return 0
 
 
-def _evaluate(args) -> int:
-    import dataclasses
+def _caption_set(args, protocol):
+    """The caption source `disback evaluate` was given (the shapes world by default for `--protocol shapes`)."""
+    from .evaluation import CaptionSet
 
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    from .evaluation import CaptionSet, ReferenceImages, evaluate, get_protocol, load_pipeline
-
-    protocol = get_protocol(args.protocol)
-    changes = {
-        "num_prompts": args.num_prompts,
-        "resolution": args.resolution,
-        "fid_resolution": args.fid_resolution,
-        "num_inference_steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-        "seed": args.seed,
-    }
-    changes = {k: v for k, v in changes.items() if v is not None}
-    if args.no_patch_fid:
-        changes["patch_fid"] = False
-    if args.clip_model is not None:
-        changes["clip_model"] = None if args.clip_model in ("none", "tiny") else args.clip_model
-    if args.clip_pretrained is not None:
-        changes["clip_pretrained"] = args.clip_pretrained
-    protocol = dataclasses.replace(protocol, **changes)
     sources = [bool(args.captions_file), bool(args.coco_annotations), bool(args.dataset)]
     if sum(sources) == 0 and protocol.name == "shapes":
         captions = CaptionSet.from_shapes()
@@ -125,6 +103,36 @@ def _evaluate(args) -> int:
         )
     else:
         captions = CaptionSet.from_text_file(args.captions_file, protocol.num_prompts)
+    return captions
+
+
+def _evaluate(args) -> int:
+    import dataclasses
+
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from .evaluation import ReferenceImages, evaluate, get_protocol, load_pipeline
+
+    protocol = get_protocol(args.protocol)
+    changes = {
+        "num_prompts": args.num_prompts,
+        "resolution": args.resolution,
+        "fid_resolution": args.fid_resolution,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "seed": args.seed,
+    }
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if args.no_patch_fid:
+        changes["patch_fid"] = False
+    if args.clip_model is not None:
+        changes["clip_model"] = None if args.clip_model in ("none", "tiny") else args.clip_model
+    if args.clip_pretrained is not None:
+        changes["clip_pretrained"] = args.clip_pretrained
+    protocol = dataclasses.replace(protocol, **changes)
+    captions = _caption_set(args, protocol)
     reference = ReferenceImages.from_folder(args.reference_dir, args.num_reference) if args.reference_dir else None
 
     # under `accelerate launch --cpu` (ACCELERATE_USE_CPU) the process group is CPU; PartialState is a singleton, so
@@ -219,7 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("model", help="pipeline folder or Hub id (with --checkpoint: the SDXL base model)")
     e.add_argument("--output", required=True, help="folder for images/, metrics.json and grid.png (resumable)")
-    e.add_argument("--protocol", default="sdxl-coco10k", help="sdxl-coco10k (default), sd15-coco30k, or shapes (the shapes world; no caption source needed)")
+    e.add_argument(
+        "--protocol",
+        default="sdxl-coco10k",
+        help="sdxl-coco10k (default), sd15-coco30k, or shapes (the shapes world; no caption source needed)",
+    )
     src = e.add_argument_group("captions and reference images (one caption source)")
     src.add_argument("--coco-annotations", help="COCO captions file, e.g. annotations/captions_val2014.json")
     src.add_argument("--coco-images", help="the folder of the COCO images (e.g. val2014/)")

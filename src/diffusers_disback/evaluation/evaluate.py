@@ -38,6 +38,8 @@ METRICS = ("fid", "patch_fid", "clip_score", "shapes")
 def default_metrics(protocol: EvalProtocol) -> tuple[str, ...]:
     """What `evaluate` computes unless told: the shapes judge for the `shapes` protocol, else FID, patch-FID and CLIP."""
     return ("shapes",) if protocol.name == "shapes" else ("fid", "patch_fid", "clip_score")
+
+
 RESULTS_FILE = "metrics.json"
 
 

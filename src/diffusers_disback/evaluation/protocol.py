@@ -83,7 +83,12 @@ PROTOCOLS: dict[str, EvalProtocol] = {
     ),
     # the shapes world (docs/tutorial_shapes.md): every caption once at 64x64, scored by the shapes judge
     "shapes": EvalProtocol(
-        name="shapes", num_prompts=144, resolution=64, fid_resolution=None, patch_fid=False, clip_model=None,
+        name="shapes",
+        num_prompts=144,
+        resolution=64,
+        fid_resolution=None,
+        patch_fid=False,
+        clip_model=None,
         clip_pretrained=None,
     ),  # fmt: skip
 }

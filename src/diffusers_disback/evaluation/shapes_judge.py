@@ -338,7 +338,9 @@ def fd_in_judge_features(judge: ShapesJudge, images_a, images_b, batch_size: int
     )
 
 
-def shapes_metrics(images, captions: list[str], reference_images, judge: ShapesJudge | None = None) -> dict[str, float]:
+def shapes_metrics(
+    images, captions: list[str], reference_images, judge: ShapesJudge | None = None
+) -> dict[str, float]:
     """
     What `evaluate(..., metrics=["shapes"])` reports for generated `images` of `captions`: `shapes_accuracy` (all four
     attributes read back right), `shapes_accuracy_<attribute>`, the first split over training and held-out captions
