@@ -74,3 +74,23 @@ def test_generate(base_and_checkpoint, tmp_path):
 def test_help_lists_the_commands():
     text = build_parser().format_help()
     assert all(cmd in text for cmd in ("generate", "convert", "push"))
+
+
+def test_a_model_that_is_neither_a_folder_nor_a_repo_id_says_so(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-folder")
+    for args in (["generate", missing, "x"], ["evaluate", missing, "--output", str(tmp_path / "e")]):
+        with pytest.raises(SystemExit, match="no such file or folder exists here, and it is not a Hub repo id"):
+            main(args)
+    with pytest.raises(SystemExit, match="not a folder here"):
+        main(["push", missing, "owner/name"])
+
+
+def test_a_corrupt_pickle_is_called_corrupt_without_unsafe_advice(tmp_path):
+    from diffusers_disback.checkpoints import CheckpointError, load_state_dict
+
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"garbage\x80\x02notapickle")
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict(bad)
+    assert "corrupt" in str(err.value) and "weights_only" not in str(err.value)
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # torch's hint is not chained either

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Mapping
 
 import torch
@@ -67,19 +68,23 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            if "Unsupported global" in str(e):
+            # torch's own message suggests weights_only=False: never passed on (that would run the file's code)
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            if found:
                 raise CheckpointError(
-                    f"Checkpoint {path!r} holds Python objects besides tensors, which are not loaded for safety "
-                    f"(torch.load(weights_only=True) refused: {str(e).splitlines()[0]}). Re-save it as a plain state "
-                    "dict or as safetensors."
-                ) from e
-            raise CheckpointError(f"Checkpoint {path!r} ({size} bytes) is corrupt or truncated: {e}") from e
+                    f"Checkpoint {path!r} holds Python objects besides tensors ({found.group(1)}), which are not "
+                    "loaded. Re-save it as a plain state dict of tensors or as safetensors."
+                ) from None
+            raise CheckpointError(
+                f"Checkpoint {path!r} ({size} bytes) is corrupt or truncated, or not a PyTorch state dict: it does "
+                "not read as a pickle of tensors. Check that it is the checkpoint file itself (not an HTML page or a Git LFS "
+                "pointer) and download it again."
+            ) from None
         except Exception as e:  # noqa: BLE001 - a damaged pickle fails in many ways; all mean the same here
-            first_line = str(e).splitlines()[0] if str(e) else ""
             raise CheckpointError(
                 f"Checkpoint {path!r} ({size} bytes) is corrupt or truncated and cannot be read "
-                f"({type(e).__name__}: {first_line}). Download it again."
-            ) from e
+                f"({type(e).__name__}). Download it again."
+            ) from None
 
     state = _unwrap_container(state, path)
     return state

@@ -26,12 +26,29 @@ def _dtype(name: str | None):
     return getattr(torch, _DTYPES[name])
 
 
+def _model_source(spec: str, what: str = "model") -> str:
+    """`spec` if it is an existing folder or file, or a valid Hub repo id; else a clear error (a missing local path
+    would otherwise reach the Hub client and come back as a complaint about repo-id characters)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.exists(spec):
+        return spec
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        raise SystemExit(
+            f"error: {what} {spec!r}: no such file or folder exists here, and it is not a Hub repo id either "
+            "(those look like 'owner/name')"
+        ) from None
+    return spec
+
+
 def _generate(args) -> int:
     import torch
 
     from .pipeline_disback import DisBackPipeline
 
-    pipe = DisBackPipeline.from_pretrained(args.model, torch_dtype=_dtype(args.dtype))
+    pipe = DisBackPipeline.from_pretrained(_model_source(args.model), torch_dtype=_dtype(args.dtype))
     pipe.to(args.device)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     images = pipe(
@@ -54,7 +71,8 @@ def _convert(args) -> int:
     from .pipeline_disback import DisBackPipeline
 
     dtype = _dtype(args.dtype)
-    pipe = DisBackPipeline.from_unet_checkpoint(args.checkpoint, base_model=args.base_model, torch_dtype=dtype)
+    base = _model_source(args.base_model, "base model")
+    pipe = DisBackPipeline.from_unet_checkpoint(args.checkpoint, base_model=base, torch_dtype=dtype)
     repo_id = args.push_to_hub or args.output
     base_model = None if os.path.exists(args.base_model) else args.base_model  # a local folder is no Hub reference
     save_for_hub(
@@ -76,6 +94,8 @@ def _convert(args) -> int:
 def _push(args) -> int:
     from .hub import push_folder
 
+    if not os.path.isdir(args.folder):
+        raise SystemExit(f"error: {args.folder!r} is not a folder here; push uploads a local folder")
     print(push_folder(args.folder, args.repo_id, private=args.private, max_retries=args.max_retries))
     return 0
 
@@ -88,7 +108,10 @@ def _caption_set(args, protocol):
     if sum(sources) == 0 and protocol.name == "shapes":
         captions = CaptionSet.from_shapes()
     elif sum(sources) != 1:
-        raise SystemExit("error: give exactly one caption source: --coco-annotations, --dataset or --captions-file")
+        raise SystemExit(
+            "error: give exactly one caption source: --coco-annotations, --dataset or --captions-file "
+            "(--protocol shapes needs none)"
+        )
     elif args.coco_annotations:
         if not args.coco_images:
             raise SystemExit("error: --coco-annotations needs --coco-images (the folder of val2014 images)")
@@ -115,6 +138,7 @@ def _evaluate(args) -> int:
 
     from .evaluation import ReferenceImages, evaluate, get_protocol, load_pipeline
 
+    _model_source(args.model)  # before anything else is read
     protocol = get_protocol(args.protocol)
     changes = {
         "num_prompts": args.num_prompts,
@@ -139,7 +163,9 @@ def _evaluate(args) -> int:
     # this first call decides for the generation and evaluation code too
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     device = torch.device(args.device) if args.device else state.device
-    pipe = load_pipeline(args.model, args.checkpoint, _dtype(args.dtype), args.revision, args.variant).to(device)
+    pipe = load_pipeline(
+        _model_source(args.model), args.checkpoint, _dtype(args.dtype), args.revision, args.variant
+    ).to(device)
     pipe.set_progress_bar_config(disable=True)
     feature_extractor = clip_scorer = None
     if args.feature_extractor == "tiny":
@@ -296,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # CheckpointError, HubPushError, ...
+    except (ValueError, OSError, RuntimeError) as e:  # CheckpointError, HubPushError, a model the Hub lacks, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
 
