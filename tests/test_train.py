@@ -236,6 +236,12 @@ def test_one_gpu_lora_mode(teacher, tmp_path):
     # only the adapted projections, merged into the fp32 weights (not the bf16 training copy of the base)
     assert moved and all(k.endswith(".weight") and ("to_" in k) for k in moved)
     assert "| lora_rank | 4 |" in (out / "final" / "README.md").read_text()
+    # the trained adapter itself, in diffusers' LoRA format: the teacher + it is the final generator
+    from diffusers_disback.lora_export import export_lora
+
+    exported = export_lora(out / "final", tmp_path / "lora", base_model=teacher, check_prompts=["a cat"])
+    assert exported.source == "adapter" and set(exported.ranks) == {4}
+    assert exported.one_step_difference["max_abs"] < 1e-5
 
 
 def test_gan_term_with_real_images(teacher, tmp_path):

@@ -63,6 +63,7 @@ from diffusers_disback.distill import (
     target_score,
 )
 from diffusers_disback.hub import save_for_hub
+from diffusers_disback.lora_export import RUN_ADAPTER_DIR, save_run_adapter
 from diffusers_disback.images import image_grid
 from diffusers_disback.training import (
     SDXL_LORA_TARGETS,
@@ -904,22 +905,23 @@ def training_summary(run: Run, path: DegradationPath) -> dict:
     }
 
 
-def final_unet_state(run: Run, generator) -> dict[str, torch.Tensor]:
-    """The generator's full weights (every rank takes part; the main process gets them): with LoRA, the adapter is
-    merged onto the initial generator's fp32 weights, not its bf16 training copy."""
+def final_unet_state(run: Run, generator) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The generator's full weights and, with LoRA, its adapter's (every rank takes part; the main process gets
+    them): the adapter is merged onto the initial generator's fp32 weights, not its bf16 training copy."""
     state = full_state_dict(run.accelerator, generator)
+    adapter = {}
     if run.accelerator.is_main_process and run.config.lora_rank:
         adapter = {k: v for k, v in state.items() if "lora_" in k}
         base = load_initial_generator(run.args, run.frozen.teacher).state_dict()
         state = merge_lora({**base, **adapter}, GENERATOR_ADAPTER)  # lora_alpha = r: scaling 1
-    return state
+    return state, adapter
 
 
 def save_final(run: Run, generator, path: DegradationPath) -> None:
     """Builds the pipeline with the trained generator and writes it in the Hub layout (`OUTPUT_DIR/final`, with the
     model card and `disback_config.json`); pushes it."""
     args, acc = run.args, run.accelerator
-    state = final_unet_state(run, generator)
+    state, adapter = final_unet_state(run, generator)
     if acc.is_main_process:
         unet = UNet2DConditionModel.from_config(run.frozen.teacher.config)
         unet.load_state_dict(state)
@@ -951,6 +953,8 @@ def save_final(run: Run, generator, path: DegradationPath) -> None:
         )
         with open(os.path.join(final, "disback_config.json"), "w", encoding="utf-8") as f:
             f.write(run.config.to_json_string())
+        if adapter:  # the LoRA users put on their own SDXL model (`disback export-lora`, docs/lora.md)
+            save_run_adapter(adapter, os.path.join(final, RUN_ADAPTER_DIR), GENERATOR_ADAPTER)
         logger.info(f"final pipeline written to {final}")
         if run.pusher:
             run.pusher.submit(final, commit_message="DisBack one-step generator (final)")

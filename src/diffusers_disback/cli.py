@@ -3,6 +3,7 @@
 disback generate MODEL "a prompt" --output image.png [--steps 1] [--seed 0]
 disback convert CHECKPOINT --base-model DIR_OR_REPO --output DIR [--push-to-hub REPO] [--fp16-variant] [--unet-only]
 disback push FOLDER REPO_ID
+disback export-lora MODEL --output DIR [--base-model BASE] [--rank R | --energy E] [--push-to-hub REPO]
 disback evaluate MODEL --output DIR (--coco-annotations JSON --coco-images DIR | --dataset NAME | --captions-file TXT)
     [--protocol sdxl-coco10k] [--num-prompts N] [--reference-dir DIR] ...   (also under `accelerate launch -m`)
 """
@@ -201,6 +202,36 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _export_lora(args) -> int:
+    from .lora_export import export_lora, write_lora_card
+
+    model = _model_source(args.model)
+    base = _model_source(args.base_model, "base model") if args.base_model else None
+    if args.rank is not None and args.energy is not None:
+        raise SystemExit("error: give --rank or --energy, not both")
+    result = export_lora(
+        model,
+        args.output,
+        base_model=base,
+        rank=args.rank,
+        energy=args.energy,
+        kohya=not args.no_kohya,
+        check_prompts=args.check_prompt or None,
+        device=args.device,
+        torch_dtype=_dtype(args.dtype),
+        biases=args.with_biases,
+    )
+    write_lora_card(args.output, result, args.push_to_hub or os.path.basename(os.path.abspath(args.output)), base)
+    for key, value in result.summary().items():
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    print(f"saved {args.output}")
+    if args.push_to_hub:
+        from .hub import push_folder
+
+        print(push_folder(args.output, args.push_to_hub, private=args.private))
+    return 0
+
+
 def _model_id(args) -> str:
     model = args.model if args.checkpoint is None else f"{args.checkpoint} in {args.model}"
     if args.revision:
@@ -224,6 +255,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cuda" if _cuda() else "cpu")
     g.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: as saved)")
     g.set_defaults(func=_generate)
+
+    x = sub.add_parser(
+        "export-lora",
+        help="write a DisBack generator as a LoRA for SDXL models (diffusers format, and kohya-style)",
+        description="A LoRA-mode run's adapter as it is, or a LoRA extracted from a full fine-tune by truncated SVD "
+        "of (generator - base) per layer (docs/lora.md).",
+    )
+    x.add_argument("model", help="DisBack pipeline folder or Hub id (a run's final/ folder)")
+    x.add_argument("--output", required=True, help="folder to write (LoRA weights, lora_export.json, README.md)")
+    x.add_argument("--base-model", default=None, help="the SDXL model it was distilled from (needed for SVD)")
+    x.add_argument("--rank", type=int, default=None, help="the same rank for every layer")
+    x.add_argument("--energy", type=float, default=None, help="per layer, keep this share of |dW|^2 (default 0.9)")
+    x.add_argument("--with-biases", action="store_true", help="carry changed biases too (the LoRA cannot be fused)")
+    x.add_argument("--no-kohya", action="store_true", help="skip the kohya-style file")
+    x.add_argument("--check-prompt", action="append", default=[], help="measure base+LoRA against the generator on it")
+    x.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    x.add_argument("--dtype", default=None, help="for the check: float32 | float16 | bfloat16 (default: as saved)")
+    x.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also push the LoRA as its own repo")
+    x.add_argument("--private", action="store_true")
+    x.set_defaults(func=_export_lora)
 
     c = sub.add_parser(
         "convert",
