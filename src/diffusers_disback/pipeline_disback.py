@@ -14,8 +14,10 @@ from typing import Any, Callable
 
 import torch
 from diffusers import StableDiffusionXLPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
-from diffusers.utils import logging
+from diffusers.utils import logging, replace_example_docstring
 
 from .scheduling_disback import DisBackScheduler, disback_timesteps
 
@@ -25,6 +27,12 @@ logger = logging.get_logger(__name__)
 # for `custom_pipeline=<repo or folder>` and fetches the modules it imports relatively from the same folder.
 REMOTE_PIPELINE_FILE = "pipeline.py"
 REMOTE_SCHEDULER_FILE = "scheduling_disback.py"
+# The editing pipelines travel next to it, each loaded with `custom_pipeline="<file name without .py>"` (diffusers
+# looks a `custom_pipeline` name up as `<name>.py` in the repo / folder being loaded): remote name -> package file.
+REMOTE_EDITING_FILES = {
+    "pipeline_img2img.py": "pipeline_disback_img2img.py",
+    "pipeline_inpaint.py": "pipeline_disback_inpaint.py",
+}
 # The stock scheduler written into model_index.json. With `original_inference_steps == num_train_timesteps` it
 # samples exactly the DisBack timesteps, so plain `StableDiffusionXLPipeline.from_pretrained` needs no remote code.
 STOCK_SCHEDULER = ["diffusers", "LCMScheduler"]
@@ -61,7 +69,9 @@ class DisBackPipeline(StableDiffusionXLPipeline):
     `save_pretrained` writes a folder that loads three ways: with this class, with plain
     `StableDiffusionXLPipeline.from_pretrained` (model_index.json names only stock classes), and with
     `DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)` (this file and the
-    scheduler's are copied into the folder).
+    scheduler's are copied into the folder). The editing pipelines load from the same folder:
+    `DisBackImg2ImgPipeline.from_pretrained(folder)`, or as remote code with `custom_pipeline="pipeline_img2img"`
+    (`"pipeline_inpaint"`).
 
     Args:
         vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, image_encoder, feature_extractor,
@@ -142,8 +152,8 @@ class DisBackPipeline(StableDiffusionXLPipeline):
         Saves the pipeline in the DisBack layout, which plain diffusers can load too.
 
         On top of [`DiffusionPipeline.save_pretrained`]: `model_index.json` names `StableDiffusionXLPipeline` and a
-        stock `LCMScheduler` (configured to sample the DisBack timesteps), and `pipeline.py` plus
-        `scheduling_disback.py` are copied into the folder as remote code.
+        stock `LCMScheduler` (configured to sample the DisBack timesteps), and `pipeline.py`, `pipeline_img2img.py`,
+        `pipeline_inpaint.py` plus `scheduling_disback.py` are copied into the folder as remote code.
 
         Args:
             save_directory (`str` or `os.PathLike`): the folder to write.
@@ -183,6 +193,7 @@ class DisBackPipeline(StableDiffusionXLPipeline):
         return self.device
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt: str | list[str] = None,
@@ -191,19 +202,33 @@ class DisBackPipeline(StableDiffusionXLPipeline):
         width: int | None = None,
         num_inference_steps: int = 1,
         timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        denoising_end: float | None = None,
         guidance_scale: float = 0.0,
         negative_prompt: str | list[str] | None = None,
         negative_prompt_2: str | list[str] | None = None,
         num_images_per_prompt: int | None = 1,
+        eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str | None = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         **kwargs: Any,
     ) -> StableDiffusionXLPipelineOutput | tuple:
@@ -211,25 +236,34 @@ class DisBackPipeline(StableDiffusionXLPipeline):
         Generates images; one step and no classifier-free guidance by default.
 
         Args:
-            prompt, prompt_2, height, width, negative_prompt, negative_prompt_2, num_images_per_prompt, generator,
-            latents, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
-            output_type, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs:
-                As in [`StableDiffusionXLPipeline.__call__`]. `height` and `width` must be divisible by 8.
             num_inference_steps (`int`, defaults to 1):
                 `1` samples at the conditioning timestep (399); `N > 1` at `N` timesteps evenly spaced down from 999
                 (`4 -> [999, 749, 499, 249]`), re-noising the x0 prediction between steps.
             timesteps (`list[int]`, *optional*):
                 Explicit timesteps, strictly decreasing; overrides `num_inference_steps`.
+            sigmas (`list[float]`, *optional*):
+                For a sigma-based scheduler you set yourself; then the DisBack timesteps are not passed.
             guidance_scale (`float`, defaults to 0.0):
                 Classifier-free guidance scale; distilled generators are sampled without it (values <= 1 disable it).
+            cross_attention_kwargs (`dict`, *optional*):
+                Passed to the attention processors; `{"scale": s}` scales loaded LoRA weights.
+            prompt, prompt_2, height, width, denoising_end, negative_prompt, negative_prompt_2,
+            num_images_per_prompt, eta, generator, latents, prompt_embeds, negative_prompt_embeds,
+            pooled_prompt_embeds, negative_pooled_prompt_embeds, ip_adapter_image, ip_adapter_image_embeds,
+            output_type, return_dict, guidance_rescale, original_size, crops_coords_top_left, target_size,
+            negative_original_size, negative_crops_coords_top_left, negative_target_size, clip_skip,
+            callback_on_step_end, callback_on_step_end_tensor_inputs:
+                As in [`StableDiffusionXLPipeline.__call__`]. `height` and `width` must be divisible by 8;
+                `callback_on_step_end_tensor_inputs` defaults to `["latents"]`.
             kwargs:
-                Any other argument of [`StableDiffusionXLPipeline.__call__`] (`original_size`, `target_size`,
-                `cross_attention_kwargs`, `clip_skip`, `ip_adapter_image`, ...).
+                Passed on to [`StableDiffusionXLPipeline.__call__`] (deprecated `callback`, `callback_steps`).
+
+        Examples:
 
         Returns:
             [`StableDiffusionXLPipelineOutput`] or `tuple`: the images, as in [`StableDiffusionXLPipeline`].
         """
-        if timesteps is None and kwargs.get("sigmas") is None and not isinstance(self.scheduler, DisBackScheduler):
+        if timesteps is None and sigmas is None and not isinstance(self.scheduler, DisBackScheduler):
             config = self.scheduler.config
             timesteps = disback_timesteps(
                 num_inference_steps,
@@ -243,18 +277,32 @@ class DisBackPipeline(StableDiffusionXLPipeline):
             width=width,
             num_inference_steps=num_inference_steps,
             timesteps=timesteps,
+            sigmas=sigmas,
+            denoising_end=denoising_end,
             guidance_scale=guidance_scale,
             negative_prompt=negative_prompt,
             negative_prompt_2=negative_prompt_2,
             num_images_per_prompt=num_images_per_prompt,
+            eta=eta,
             generator=generator,
             latents=latents,
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
             pooled_prompt_embeds=pooled_prompt_embeds,
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds,
             output_type=output_type,
             return_dict=return_dict,
+            cross_attention_kwargs=cross_attention_kwargs,
+            guidance_rescale=guidance_rescale,
+            original_size=original_size,
+            crops_coords_top_left=crops_coords_top_left,
+            target_size=target_size,
+            negative_original_size=negative_original_size,
+            negative_crops_coords_top_left=negative_crops_coords_top_left,
+            negative_target_size=negative_target_size,
+            clip_skip=clip_skip,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs or ["latents"],
             **kwargs,
@@ -271,13 +319,21 @@ def write_disback_layout(save_directory: str | os.PathLike, scheduler=None) -> N
       so `LCMScheduler(num_inference_steps=N)` samples the DisBack timesteps for `N > 1`.
     - `pipeline.py` and `scheduling_disback.py`: this file and the scheduler's, for
       `custom_pipeline=<repo>, trust_remote_code=True`.
+    - `pipeline_img2img.py` and `pipeline_inpaint.py`: the editing pipelines, for
+      `custom_pipeline="pipeline_img2img"` (or `"pipeline_inpaint"`), `trust_remote_code=True`. (Run as remote code
+      itself, this file has no editing siblings to copy and writes the folder without them.)
     """
     save_directory = os.fspath(save_directory)
     index_path = os.path.join(save_directory, "model_index.json")
     with open(index_path, encoding="utf-8") as f:
         index = json.load(f)
     index["_class_name"] = StableDiffusionXLPipeline.__name__
-    disback_scheduler = scheduler is None or isinstance(scheduler, DisBackScheduler)
+    # by name too: a DisBackScheduler loaded as remote code is another class object
+    disback_scheduler = (
+        scheduler is None
+        or isinstance(scheduler, DisBackScheduler)
+        or type(scheduler).__name__ == DisBackScheduler.__name__
+    )
     if disback_scheduler or type(scheduler).__name__ == "LCMScheduler":
         index["scheduler"] = STOCK_SCHEDULER
         sched_path = os.path.join(save_directory, "scheduler", "scheduler_config.json")
@@ -297,6 +353,13 @@ def write_disback_layout(save_directory: str | os.PathLike, scheduler=None) -> N
     here = os.path.dirname(os.path.abspath(__file__))
     shutil.copyfile(os.path.abspath(__file__), os.path.join(save_directory, REMOTE_PIPELINE_FILE))
     shutil.copyfile(os.path.join(here, REMOTE_SCHEDULER_FILE), os.path.join(save_directory, REMOTE_SCHEDULER_FILE))
+    for remote_name, package_name in REMOTE_EDITING_FILES.items():
+        for candidate in (package_name, remote_name):
+            if os.path.isfile(os.path.join(here, candidate)):
+                shutil.copyfile(os.path.join(here, candidate), os.path.join(save_directory, remote_name))
+                break
+        else:
+            logger.info(f"{package_name} is not next to {__file__}: the folder is written without {remote_name}.")
 
 
 def _write_json(path: str, obj: dict) -> None:
