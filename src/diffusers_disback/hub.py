@@ -40,6 +40,9 @@ __all__ = [
     "push_folder",
     "push_pipeline",
     "push_pipeline_folder",
+    "make_space_card",
+    "push_space",
+    "space_app_source",
 ]
 
 DEFAULT_SAMPLE_PROMPTS = (
@@ -448,3 +451,171 @@ def push_pipeline(
     if save_directory is None:
         shutil.rmtree(folder, ignore_errors=True)
     return url
+
+
+# ----------------------------------------------------------------------------------------------------------- Space
+
+# The Gradio the Space runs (its `sdk_version`): the release tests/test_demo.py drives in a browser.
+SPACE_SDK_VERSION = "6.31.0"
+# What the Space installs besides Gradio (which the Hub installs from `sdk_version`): the app needs only these.
+SPACE_REQUIREMENTS = ("torch", "diffusers>=0.32", "transformers>=4.44", "accelerate>=1.0", "safetensors>=0.4.3")
+SPACE_APP_FILE = "app.py"
+
+
+def space_app_source(model_repo_id: str, tiny_vae: str | None = None) -> str:
+    """The Space's `app.py`: `diffusers_disback/demo.py` with `DEFAULT_MODEL` (and `DEFAULT_TINY_VAE`) written in."""
+    from . import demo
+
+    with open(demo.__file__, encoding="utf-8") as f:
+        source = f.read()
+    for name, value in (("DEFAULT_MODEL", model_repo_id), ("DEFAULT_TINY_VAE", tiny_vae)):
+        pattern = re.compile(rf"^{name}: str \| None = None$", flags=re.MULTILINE)
+        source, n = pattern.subn(lambda _m, name=name, value=value: f"{name}: str | None = {value!r}", source)
+        if n != 1:
+            raise RuntimeError(f"{demo.__file__} has no single `{name}: str | None = None` line to write the id into")
+    return source
+
+
+def make_space_card(
+    model_repo_id: str,
+    space_id: str,
+    *,
+    title: str | None = None,
+    sdk_version: str = SPACE_SDK_VERSION,
+    license: str = "openrail++",
+    hardware: str | None = None,
+    tiny_vae: str | None = None,
+):
+    """
+    The Space's `README.md`: the front matter the Hub reads (`sdk: gradio`, `sdk_version`, `app_file: app.py`,
+    `models`, `title`, ...) and a short description with how to run the same app locally.
+    """
+    from huggingface_hub import SpaceCard, SpaceCardData
+
+    models = [model_repo_id] + ([tiny_vae] if tiny_vae and _HUB_FILE.match(tiny_vae + "/x") else [])
+    title = title or f"DisBack: {model_repo_id.split('/')[-1]}"
+    data = SpaceCardData(
+        title=title,
+        emoji="⚡",
+        colorFrom="indigo",
+        colorTo="purple",
+        sdk="gradio",
+        sdk_version=sdk_version,
+        app_file=SPACE_APP_FILE,
+        pinned=False,
+        license=license,
+        models=models,
+        tags=["disback", "one-step", "text-to-image", "stable-diffusion-xl"],
+        short_description="One-step text-to-image, generated as you type",
+        suggested_hardware=hardware,
+    )
+    fast = f" Fast decode uses [{tiny_vae}](https://huggingface.co/{tiny_vae})." if tiny_vae in models else ""
+    content = (
+        f"---\n{data.to_yaml()}\n---\n\n"
+        f"# {title}\n\n"
+        f"A web demo of [{model_repo_id}](https://huggingface.co/{model_repo_id}), a one-step SDXL generator distilled "
+        "by **Distribution Backtracking** (DisBack): type a prompt and the image follows as you type. One step "
+        "samples at timestep 399 from pure noise; 2 and 4 steps at timesteps evenly spaced down from 999; no "
+        f"classifier-free guidance.{fast}\n\n"
+        "## Run it yourself\n\n"
+        "```bash\n"
+        "pip install 'diffusers_disback[demo]'\n"
+        f"disback demo {model_repo_id}\n"
+        "```\n\n"
+        f"or, with only torch, diffusers, transformers and gradio: `python app.py` (this Space's {SPACE_APP_FILE} "
+        "is `diffusers_disback/demo.py` with the model id written in).\n\n"
+        f"Made with [diffusers_disback](https://github.com/diffusers-disback/diffusers_disback) (`disback push "
+        f"--space {space_id}`).\n"
+    )
+    return SpaceCard(content)
+
+
+def push_space(
+    model_repo_id: str,
+    space_id: str,
+    *,
+    tiny_vae: str | None = None,
+    title: str | None = None,
+    sdk_version: str = SPACE_SDK_VERSION,
+    license: str = "openrail++",
+    hardware: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload DisBack demo",
+    max_retries: int = 3,
+    retry_wait: float = 2.0,
+    api: HfApi | None = None,
+) -> str:
+    """
+    Creates (or updates) a Gradio Space that demos the DisBack model `model_repo_id`: `app.py` (the package's
+    `demo.py` with the model id written in), `requirements.txt` and a `README.md` with the Space front matter, in one
+    commit, with the retries of [`push_folder`]. The files are built in memory: nothing is written locally.
+
+    Args:
+        model_repo_id: the DisBack model repo the Space loads.
+        space_id: `owner/name` of the Space.
+        tiny_vae: an `AutoencoderTiny` repo id (TAESD-XL layout, e.g. `madebyollin/taesdxl`) for fast decode; by
+            default the app uses the model repo's `vae_tiny/` when it has one.
+        hardware: written as `suggested_hardware` (e.g. `"t4-small"`); the Space starts on the free CPU otherwise.
+
+    Returns:
+        The URL of the commit.
+
+    Raises:
+        HubPushError: the push failed after `max_retries` retries (or at once for errors retrying cannot fix); the
+            Space is left as it was.
+    """
+    from huggingface_hub import CommitOperationAdd
+
+    api = api or HfApi(token=token)
+    files = {
+        SPACE_APP_FILE: space_app_source(model_repo_id, tiny_vae),
+        "requirements.txt": "\n".join(SPACE_REQUIREMENTS) + "\n",
+        "README.md": str(
+            make_space_card(
+                model_repo_id,
+                space_id,
+                title=title,
+                sdk_version=sdk_version,
+                license=license,
+                hardware=hardware,
+                tiny_vae=tiny_vae,
+            )
+        ),
+    }
+
+    def push() -> str:
+        api.create_repo(space_id, private=private, exist_ok=True, repo_type="space", space_sdk="gradio")
+        operations = [CommitOperationAdd(path, text.encode("utf-8")) for path, text in files.items()]
+        info = api.create_commit(space_id, operations, commit_message=commit_message, repo_type="space")
+        return str(getattr(info, "commit_url", info))
+
+    return _with_retries(push, f"the Space {space_id!r} (for {model_repo_id!r})", max_retries, retry_wait)
+
+
+def _with_retries(action, what: str, max_retries: int, retry_wait: float) -> str:
+    """Runs `action` with `push_folder`'s retry policy; a final failure raises HubPushError naming `what`."""
+    attempt = 0
+    while True:
+        try:
+            return action()
+        except Exception as e:  # noqa: BLE001 - classified below, re-raised with context
+            attempt += 1
+            first_line = str(e).splitlines()[0] if str(e) else ""
+            if not _retryable(e) or attempt > max_retries:
+                raise HubPushError(
+                    f"Pushing {what} failed after {attempt} attempt(s): {type(e).__name__}: {first_line}. "
+                    "A commit is all or nothing: the repo's files are as they were, nothing was written locally; "
+                    "run the push again."
+                ) from e
+            wait = retry_wait * 2 ** (attempt - 1)
+            logger.warning(
+                "Push of %s failed (%s: %s); retry %d/%d in %.1fs.",
+                what,
+                type(e).__name__,
+                first_line,
+                attempt,
+                max_retries,
+                wait,
+            )
+            time.sleep(wait)
