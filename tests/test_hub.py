@@ -169,6 +169,15 @@ def test_card_metadata_parses():
     assert json.loads(json.dumps(data))  # serialisable
 
 
+def test_card_tells_how_to_use_it_as_a_lora_and_for_editing():
+    card = make_model_card("user/x", base_model="user/base").text
+    assert "disback export-lora user/x --output disback-lora --base-model user/base" in card
+    assert "adapter_weights=[1.0]" in card and "timesteps=[399]" in card
+    assert 'custom_pipeline="pipeline_img2img"' in card
+    unet_only = make_model_card("user/x", base_model="user/base", kind="unet").text
+    assert "disback export-lora" in unet_only and "pipeline_img2img" not in unet_only  # no pipeline files there
+
+
 def test_append_card_section_adds_a_table_to_the_card(tmp_path):
     from diffusers_disback.hub import append_card_section
 

@@ -158,6 +158,36 @@ image = pipe("a photo of an astronaut riding a horse on mars", num_inference_ste
 """
 
 
+def _elsewhere(repo_id: str, base_model: str | None, kind: str) -> str:
+    """Card section: the generator as a LoRA on another SDXL model, and one-step editing (docs/lora.md,
+    docs/editing.md)."""
+    base = base_model or "<the SDXL model it was distilled from>"
+    lora = f"""## On your own SDXL model (as a LoRA), and editing
+
+```bash
+pip install diffusers_disback
+disback export-lora {repo_id} --output disback-lora --base-model {base} --rank 64
+```
+
+```python
+pipe = StableDiffusionXLPipeline.from_pretrained("your/sdxl-model", torch_dtype=torch.float16).to("cuda")
+pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=1000)
+pipe.load_lora_weights("disback-lora", adapter_name="disback")
+pipe.set_adapters(["disback"], adapter_weights=[1.0])  # scale 1.0: this generator, on its base
+image = pipe("a photo of an astronaut riding a horse on mars", timesteps=[399], guidance_scale=0).images[0]
+```
+
+"""
+    if kind != "pipeline":
+        return lora
+    return f"""{lora}One-step img2img and inpainting: `DisBackImg2ImgPipeline.from_pretrained("{repo_id}")` /
+`DisBackInpaintPipeline` from `diffusers_disback`, or without the package
+`DiffusionPipeline.from_pretrained("{repo_id}", custom_pipeline="pipeline_img2img", trust_remote_code=True)`
+(`"pipeline_inpaint"`).
+
+"""
+
+
 def _training_table(training: dict | None) -> str:
     if not training:
         return "No training record was attached to this upload.\n"
@@ -207,6 +237,7 @@ def make_model_card(
         "Sampled in one step at timestep 399 from pure noise, without classifier-free guidance; "
         "four steps use timesteps 999, 749, 499, 249.\n\n"
         f"## Usage\n\n{_usage(_Routes(repo_id, base_model, kind))}\n"
+        f"{_elsewhere(repo_id, base_model, kind)}"
         f"{samples}"
         f"## Training\n\n{_training_table(training)}\n"
         "Made with [diffusers_disback](https://github.com/diffusers-disback/diffusers_disback).\n"
