@@ -172,7 +172,7 @@ def test_hub_pushes_and_a_failed_push_does_not_stop_training(teacher, tmp_path, 
     hub_server.fail_next("commit", times=1, status=403)
     proc = _run(
         _cmd(teacher, out, "--push_to_hub", "--hub_model_id", "user/disback-run", "--hub_token", "hf_test")
-        + ["--hub_push_every", "2", "--checkpoints_total_limit", "1"]
+        + ["--hub_push_every", "2", "--checkpoints_total_limit", "1", "--hub_space_id", "user/disback-run-demo"]
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "push to user/disback-run failed, training goes on" in proc.stderr
@@ -187,6 +187,8 @@ def test_hub_pushes_and_a_failed_push_does_not_stop_training(teacher, tmp_path, 
     assert "hf_test" not in proc.stderr and "hf_test" not in (out / "final" / "README.md").read_text()
     pipe = DisBackPipeline.from_pretrained("user/disback-run")
     assert pipe.unet.config.sample_size == 8
+    space = set(list_repo_files("user/disback-run-demo", repo_type="space"))  # the demo of the pushed model
+    assert {"app.py", "requirements.txt", "README.md"} <= space
 
 
 def _launch_fsdp2(args):

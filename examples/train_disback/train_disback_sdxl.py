@@ -63,8 +63,8 @@ from diffusers_disback.distill import (
     target_score,
 )
 from diffusers_disback.hub import save_for_hub
-from diffusers_disback.lora_export import RUN_ADAPTER_DIR, save_run_adapter
 from diffusers_disback.images import image_grid
+from diffusers_disback.lora_export import RUN_ADAPTER_DIR, save_run_adapter
 from diffusers_disback.training import (
     SDXL_LORA_TARGETS,
     BackgroundPusher,
@@ -201,6 +201,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hub_model_id", default=None)
     p.add_argument("--hub_token", default=None, help="default: the logged-in token (never logged or saved)")
     p.add_argument("--hub_private", action="store_true")
+    p.add_argument(
+        "--hub_space_id", default=None, help="after the final push, also push a Gradio demo Space of the model"
+    )
     p.add_argument("--hub_push_every", type=int, default=0, help="also push every N-th checkpoint (0: never)")
     add_config_arguments(p)
     args = p.parse_args(argv)
@@ -489,7 +492,21 @@ class Run:
             self.pusher.close()
             for failure in self.pusher.failures:
                 logger.error(f"a Hub push failed (local files are intact): {failure}")
+            if self.args.hub_space_id and os.path.isdir(os.path.join(self.args.output_dir, "final")):
+                push_demo_space(self.args)
         self.accelerator.end_training()
+
+
+def push_demo_space(args) -> None:
+    """The web demo of the pushed model as a Space (`--hub_space_id`; docs/demo.md). A failure is logged, not raised:
+    the model is on the Hub and `disback push --space` can make the Space later."""
+    from diffusers_disback.hub import HubPushError, push_space
+
+    try:
+        url = push_space(args.hub_model_id, args.hub_space_id, private=args.hub_private or None, token=args.hub_token)
+        logger.info(f"demo Space pushed: {url}")
+    except HubPushError as e:
+        logger.error(f"the demo Space push failed (the model is pushed; retry with disback push --space): {e}")
 
 
 def make_run(args, accelerator) -> Run:
