@@ -22,7 +22,6 @@ from diffusers.utils.torch_utils import randn_tensor
 from diffusers_disback import DisBackPipeline, DisBackScheduler, disback_timesteps
 from diffusers_disback.pipeline_disback_img2img import DisBackImg2ImgPipeline, disback_editing_timesteps
 from diffusers_disback.pipeline_disback_inpaint import DisBackInpaintPipeline
-from diffusers_disback.pipeline_disback_inpaint import disback_editing_timesteps as inpaint_rule
 from diffusers_disback.testing import get_sdxl_components
 
 SHAPES_TEACHER = os.path.join(os.path.dirname(__file__), "..", "examples", "shapes", "teacher")
@@ -97,17 +96,16 @@ def mask():
 )
 def test_strength_rule(strength, steps, expected):
     assert disback_editing_timesteps(strength, steps) == expected
-    assert inpaint_rule(strength, steps) == expected  # the copy in the inpaint file is the same rule
 
 
-def test_the_two_editing_files_carry_the_same_copies():
-    # each file travels alone as remote code, so the shared code is copied: keep the copies equal
-    assert inspect.getsource(disback_editing_timesteps) == inspect.getsource(inpaint_rule)
-    for name in ("from_pretrained", "from_pipe", "save_pretrained", "get_timesteps", "_batch_size", "_decode"):
-        mine, theirs = getattr(DisBackImg2ImgPipeline, name), getattr(DisBackInpaintPipeline, name)
-        assert inspect.getsource(mine) == inspect.getsource(theirs), name
-    fget = [cls._execution_device.fget for cls in (DisBackImg2ImgPipeline, DisBackInpaintPipeline)]
-    assert inspect.getsource(fget[0]) == inspect.getsource(fget[1])
+def test_the_pipelines_share_one_copy_of_the_common_code():
+    from diffusers_disback.pipeline_utils_disback import DisBackEditingMixin, DisBackMixin
+
+    for cls in (DisBackImg2ImgPipeline, DisBackInpaintPipeline):
+        assert issubclass(cls, DisBackEditingMixin)
+        for name in ("from_pretrained", "from_pipe", "save_pretrained", "get_timesteps", "_batch_size", "_decode"):
+            assert name not in cls.__dict__, name  # inherited, not written again
+    assert issubclass(DisBackPipeline, DisBackMixin) and "from_pretrained" not in DisBackPipeline.__dict__
 
 
 @pytest.mark.parametrize("strength, steps, minimum", [(0.3, 1, "0.4"), (0.2, 4, "0.25"), (0.45, 2, "0.5")])

@@ -43,7 +43,8 @@ def test_push_then_load_three_ways(hub_server, pipe, tmp_path):
     )
     assert "user/disback-tiny" in url
     files = set(list_repo_files("user/disback-tiny"))
-    assert {"model_index.json", "pipeline.py", "scheduling_disback.py", "README.md", "samples.png"} <= files
+    assert {"model_index.json", "pipeline.py", "scheduling_disback.py", "pipeline_utils_disback.py"} <= files
+    assert {"pipeline_img2img.py", "pipeline_inpaint.py", "README.md", "samples.png"} <= files
     assert "unet/diffusion_pytorch_model.safetensors" in files
     assert "unet/diffusion_pytorch_model.fp16.safetensors" in files
 

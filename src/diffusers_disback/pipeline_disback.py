@@ -1,7 +1,7 @@
 # Copyright 2026 The diffusers_disback authors. Licensed under the Apache License, Version 2.0.
 #
-# This file is self-contained apart from its sibling `scheduling_disback.py`, so that both can be uploaded next to
-# a model on the Hub and loaded as remote code by people who do not have `diffusers_disback` installed:
+# This file is self-contained apart from its siblings `pipeline_utils_disback.py` and `scheduling_disback.py`, so that
+# they can be uploaded next to a model on the Hub and loaded as remote code by people who do not have `diffusers_disback` installed:
 #     DiffusionPipeline.from_pretrained(repo_id, custom_pipeline=repo_id, trust_remote_code=True)
 """DisBackPipeline: one-step text-to-image generation with an SDXL generator distilled by DisBack (or DMD2)."""
 
@@ -19,6 +19,7 @@ from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 from diffusers.utils import logging, replace_example_docstring
 
+from .pipeline_utils_disback import DisBackMixin
 from .scheduling_disback import DisBackScheduler, disback_timesteps
 
 logger = logging.get_logger(__name__)
@@ -27,6 +28,9 @@ logger = logging.get_logger(__name__)
 # for `custom_pipeline=<repo or folder>` and fetches the modules it imports relatively from the same folder.
 REMOTE_PIPELINE_FILE = "pipeline.py"
 REMOTE_SCHEDULER_FILE = "scheduling_disback.py"
+REMOTE_UTILS_FILE = (
+    "pipeline_utils_disback.py"  # what the pipeline files share, imported relatively like the scheduler
+)
 # The editing pipelines travel next to it, each loaded with `custom_pipeline="<file name without .py>"` (diffusers
 # looks a `custom_pipeline` name up as `<name>.py` in the repo / folder being loaded): remote name -> package file.
 REMOTE_EDITING_FILES = {
@@ -57,7 +61,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class DisBackPipeline(StableDiffusionXLPipeline):
+class DisBackPipeline(DisBackMixin, StableDiffusionXLPipeline):
     r"""
     Text-to-image generation with a one-step SDXL generator distilled by DisBack (Distribution Backtracking) or DMD2.
 
@@ -80,21 +84,6 @@ class DisBackPipeline(StableDiffusionXLPipeline):
             explicit `timesteps` works; without explicit `timesteps`, the pipeline passes the DisBack timesteps to a
             scheduler that is not a [`DisBackScheduler`].
     """
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
-        r"""
-        Loads a DisBack pipeline from a Hub repo id or a local folder, as [`DiffusionPipeline.from_pretrained`].
-
-        The scheduler the repo names (the stock `LCMScheduler` of a DisBack repo, or SDXL base's
-        `EulerDiscreteScheduler` when you load the base model and pass `unet=`) is replaced by a
-        [`DisBackScheduler`] built from its config, unless you pass `scheduler=` yourself.
-        """
-        user_scheduler = "scheduler" in kwargs
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        if not user_scheduler and not isinstance(pipe.scheduler, DisBackScheduler):
-            pipe.scheduler = DisBackScheduler.from_config(pipe.scheduler.config)
-        return pipe
 
     @classmethod
     def from_unet_checkpoint(
@@ -153,7 +142,8 @@ class DisBackPipeline(StableDiffusionXLPipeline):
 
         On top of [`DiffusionPipeline.save_pretrained`]: `model_index.json` names `StableDiffusionXLPipeline` and a
         stock `LCMScheduler` (configured to sample the DisBack timesteps), and `pipeline.py`, `pipeline_img2img.py`,
-        `pipeline_inpaint.py` plus `scheduling_disback.py` are copied into the folder as remote code.
+        `pipeline_inpaint.py` plus `scheduling_disback.py` and `pipeline_utils_disback.py` are copied into the folder as
+        remote code.
 
         Args:
             save_directory (`str` or `os.PathLike`): the folder to write.
@@ -178,19 +168,6 @@ class DisBackPipeline(StableDiffusionXLPipeline):
                     f" The folder was saved at {save_directory}; upload it with `huggingface_hub.upload_folder`."
                 ) from e
             hub.push_pipeline_folder(save_directory, pipeline=self, **push_kwargs)
-
-    @property
-    def _execution_device(self):
-        # Same answer as `DiffusionPipeline._execution_device`, faster. diffusers probes every submodule of every
-        # component with `hasattr` for offloading hooks on each call (measured 5.7 ms a call on the tiny components,
-        # several times that at SDXL size): a one-step pipeline pays it once per image. Looking the hook attributes
-        # up in each module's `__dict__` costs a sixth of that; only when a hook exists do we defer to diffusers.
-        for component in self.components.values():
-            if isinstance(component, torch.nn.Module) and any(
-                "_hf_hook" in m.__dict__ or "_diffusers_hook" in m.__dict__ for m in component.modules()
-            ):
-                return super()._execution_device
-        return self.device
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -317,7 +294,7 @@ def write_disback_layout(save_directory: str | os.PathLike, scheduler=None) -> N
       stock `LCMScheduler`, so no loading route needs remote code unless it asks for it.
     - `scheduler/scheduler_config.json`: the same class swap, plus `original_inference_steps = num_train_timesteps`
       so `LCMScheduler(num_inference_steps=N)` samples the DisBack timesteps for `N > 1`.
-    - `pipeline.py` and `scheduling_disback.py`: this file and the scheduler's, for
+    - `pipeline.py`, `scheduling_disback.py` and `pipeline_utils_disback.py`: this file and those it imports, for
       `custom_pipeline=<repo>, trust_remote_code=True`.
     - `pipeline_img2img.py` and `pipeline_inpaint.py`: the editing pipelines, for
       `custom_pipeline="pipeline_img2img"` (or `"pipeline_inpaint"`), `trust_remote_code=True`. (Run as remote code
@@ -352,7 +329,8 @@ def write_disback_layout(save_directory: str | os.PathLike, scheduler=None) -> N
 
     here = os.path.dirname(os.path.abspath(__file__))
     shutil.copyfile(os.path.abspath(__file__), os.path.join(save_directory, REMOTE_PIPELINE_FILE))
-    shutil.copyfile(os.path.join(here, REMOTE_SCHEDULER_FILE), os.path.join(save_directory, REMOTE_SCHEDULER_FILE))
+    for shared in (REMOTE_SCHEDULER_FILE, REMOTE_UTILS_FILE):
+        shutil.copyfile(os.path.join(here, shared), os.path.join(save_directory, shared))
     for remote_name, package_name in REMOTE_EDITING_FILES.items():
         for candidate in (package_name, remote_name):
             if os.path.isfile(os.path.join(here, candidate)):
