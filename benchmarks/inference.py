@@ -28,23 +28,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from diffusers import AutoencoderTiny, EulerDiscreteScheduler, StableDiffusionXLPipeline  # noqa: E402
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline  # noqa: E402
 
 from diffusers_disback import DisBackPipeline  # noqa: E402
-from diffusers_disback.testing import SDXL_SCHEDULER_CONFIG, get_sdxl_components  # noqa: E402
+from diffusers_disback.testing import SDXL_SCHEDULER_CONFIG, get_sdxl_components, get_tiny_taesd  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
-
-
-def _tiny_vae(size: str) -> AutoencoderTiny:
-    if size == "sdxl":  # taesdxl's shape
-        return AutoencoderTiny()
-    return AutoencoderTiny(
-        encoder_block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8),
-        num_encoder_blocks=(1, 1, 1, 1),
-        num_decoder_blocks=(1, 1, 1, 1),
-    )
 
 
 class _StockExecutionDevice(DisBackPipeline):
@@ -95,7 +84,7 @@ def run(
         **{**pipe.components, "scheduler": EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)}
     )
     teacher.set_progress_bar_config(disable=True)
-    fast = DisBackPipeline(**{**pipe.components, "vae": _tiny_vae(size).to(device, dtype)})
+    fast = DisBackPipeline(**{**pipe.components, "vae": get_tiny_taesd(size=size).to(device, dtype)})
     fast.set_progress_bar_config(disable=True)
     stock = _StockExecutionDevice(**pipe.components)
     stock.set_progress_bar_config(disable=True)

@@ -27,3 +27,15 @@ def hub_server():
     """The loopback Hub every test in the session talks to (HF_ENDPOINT points here)."""
     with HubServer(port=_HUB_PORT) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): small tensors are as
+    fast on one, and far faster than on two beside other work on 2 cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -42,7 +42,7 @@ from diffusers_disback.demo import (
 from diffusers_disback.hub import SPACE_SDK_VERSION, HubPushError, push_folder, push_space
 from diffusers_disback.scheduling_disback import disback_timesteps as package_timesteps
 from diffusers_disback.shapes import SHOWCASE_CAPTIONS
-from diffusers_disback.testing import get_sdxl_components
+from diffusers_disback.testing import get_sdxl_components, get_tiny_taesd
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # gradio reads it when a Blocks is built: never phone home
 
@@ -56,23 +56,12 @@ def _pixels(image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
-def _tiny_vae() -> AutoencoderTiny:
-    """An untrained AutoencoderTiny in the TAESD-XL layout (4 latent channels, 8x upsampling), made small."""
-    torch.manual_seed(0)
-    return AutoencoderTiny(
-        encoder_block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8),
-        num_encoder_blocks=(1, 1, 1, 1),
-        num_decoder_blocks=(1, 1, 1, 1),
-    ).eval()
-
-
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     """A tiny DisBack pipeline folder (the Hub layout) that carries its own tiny VAE in `vae_tiny/`."""
     folder = tmp_path_factory.mktemp("demo") / "disback-tiny"
     DisBackPipeline(**get_sdxl_components("tiny", scheduler="disback")).save_pretrained(folder)
-    _tiny_vae().save_pretrained(folder / "vae_tiny")
+    get_tiny_taesd().save_pretrained(folder / "vae_tiny")
     return folder
 
 
@@ -141,7 +130,7 @@ def test_fast_decode_uses_the_tiny_vae(engine, reference, model_folder):
     assert np.abs(_pixels(fast.image) - _pixels(by_hand)).max() <= 1
 
     # given explicitly (a folder, or a model), and absent
-    explicit = DisBackDemo(reference, tiny_vae=_tiny_vae())
+    explicit = DisBackDemo(reference, tiny_vae=get_tiny_taesd())
     assert np.array_equal(_pixels(explicit.generate(PROMPT, seed=1, fast_decode=True).image), _pixels(fast.image))
     loaded = DisBackDemo.from_pretrained(model_folder, tiny_vae=model_folder / "vae_tiny")
     assert isinstance(loaded.tiny_vae, AutoencoderTiny)

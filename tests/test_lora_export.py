@@ -32,12 +32,7 @@ PROMPTS = ["a cat", "a red circle"]
 BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pipe(components, unet):

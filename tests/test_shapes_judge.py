@@ -16,13 +16,7 @@ from diffusers_disback.shapes import ATTRIBUTES, Scene, all_scenes, render
 SEED_BASE = 2 * EVAL_SEED_BASE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The judge's batches are small: one thread is as fast, and far faster than two beside other work on 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,26 +13,9 @@ from PIL import Image
 
 from diffusers_disback import DisBackImg2ImgPipeline, DisBackInpaintPipeline, DisBackPipeline
 from diffusers_disback.hub import push_pipeline
-from diffusers_disback.testing import get_sdxl_components
+from diffusers_disback.testing import get_sdxl_components, get_tiny_taesd
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _taesd_xl_layout() -> AutoencoderTiny:
-    torch.manual_seed(0)
-    return AutoencoderTiny(
-        encoder_block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8),
-        num_encoder_blocks=(1, 1, 1, 1),
-        num_decoder_blocks=(1, 1, 1, 1),
-        latent_channels=4,
-    ).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +38,7 @@ def _decoded_by_tiny(p, tiny, **kwargs):
 
 
 def test_text_to_image_decodes_through_the_tiny_vae(pipe):
-    tiny = _taesd_xl_layout()
+    tiny = get_tiny_taesd()
     assert tiny.config.scaling_factor == 1.0 and tiny.config.latent_channels == 4
     fast = DisBackPipeline(**{**pipe.components, "vae": tiny})
     fast.set_progress_bar_config(disable=True)
@@ -66,7 +49,7 @@ def test_text_to_image_decodes_through_the_tiny_vae(pipe):
 
 
 def test_editing_pipelines_encode_and_decode_through_it(pipe):
-    tiny = _taesd_xl_layout()
+    tiny = get_tiny_taesd()
     source = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
     mask = Image.fromarray(np.pad(np.full((32, 32), 255, np.uint8), ((0, 32), (0, 32))))
     for cls, extra in ((DisBackImg2ImgPipeline, {}), (DisBackInpaintPipeline, {"mask_image": mask})):
@@ -81,7 +64,7 @@ def test_editing_pipelines_encode_and_decode_through_it(pipe):
 
 def test_hub_loaded_pipelines_take_the_tiny_vae(hub_server, pipe, tmp_path):
     push_pipeline(pipe, "user/disback-taesd", save_directory=tmp_path / "folder", sample_prompts=None)
-    tiny = _taesd_xl_layout()
+    tiny = get_tiny_taesd()
     tiny.save_pretrained(tmp_path / "taesdxl")
     loaded_tiny = AutoencoderTiny.from_pretrained(tmp_path / "taesdxl")
     routes = {

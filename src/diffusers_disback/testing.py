@@ -28,6 +28,7 @@ __all__ = [
     "SDXL_UNET_CONFIG",
     "SDXL_SCHEDULER_CONFIG",
     "get_tiny_unet",
+    "get_tiny_taesd",
     "get_sdxl_components",
     "get_tiny_tokenizer",
     "save_tiny_teacher",
@@ -161,6 +162,23 @@ def get_tiny_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
     """The tiny SDXL-shaped UNet (block_out_channels (32, 64), cross_attention_dim 64, `text_time` conditioning)."""
     torch.manual_seed(seed)
     return UNet2DConditionModel(**{**TINY_UNET_CONFIG, **overrides})
+
+
+def get_tiny_taesd(seed: int = 0, size: str = "tiny"):
+    """An untrained `AutoencoderTiny` in the TAESD-XL layout (4 latent channels, 8x, scaling factor 1): made small
+    (`"tiny"`), or madebyollin/taesdxl's full shape (`"sdxl"`). It stands in for the real one, which cannot be
+    downloaded here."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    if size == "sdxl":
+        return AutoencoderTiny().eval()
+    return AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+    ).eval()
 
 
 def get_sdxl_components(size: str = "tiny", seed: int = 0, scheduler: str = "euler") -> dict:
