@@ -192,7 +192,7 @@ def evaluate(
         raise ValueError("no metric left to compute (check --metrics, --no-patch-fid and --clip-model)")
     if any(m in metrics for m in ("fid", "patch_fid", "shapes")) and reference is None:
         raise ValueError(
-            f"FID (and the shapes FD) needs reference images, and {captions.source} has captions only: pass a reference folder or a "
+            f"FID needs reference images (the shapes FD too), and {captions.source} has captions only: pass a reference folder or a "
             "dataset with images (or evaluate the CLIP score alone)"
         )
     device = device if device is not None else state.device
