@@ -6,6 +6,8 @@
 #      per iteration (full fine-tuning of generator and fake score: about 90 GB, so an H200 or a sharded run)
 #   3. the training script under accelerate FSDP2 on one GPU, both stages, a few steps, LoRA path nodes and LoRA
 #      generator/fake score (a full-weight run writes ~60 GB of checkpoints, more than the device's disk)
+#   4. disback export-lora on that run: its adapter as it is, and a rank-64 truncated-SVD LoRA of the merged
+#      SDXL-sized UNet against the teacher (time, size, per-layer error)
 # Each section has its own time limit so one slow part cannot take the others with it. Results land in $OUT
 # (or ./gpu_smoke_out). CPU dry run at tiny size: SIZE=tiny DEVICE=cpu bash benchmarks/gpu_smoke.sh
 # The device image has no diffusers/datasets: carry them as wheels in .whl (see the device tool's README).
@@ -54,3 +56,11 @@ timeout $T_RUN $TIMEV python3 -m accelerate.commands.launch --config_file "$CONF
   --gradient_checkpointing --allow_tf32 > "$OUT/train_lora.log" 2>&1
 echo "script rc=$?"; grep -E "s/it\]|it/s\]|peak GPU memory|Maximum resident|Error|error" "$OUT/train_lora.log" | tail -12
 df -h /tmp | tail -1
+
+echo "== export-lora, the run's adapter and a rank-64 SVD of the merged UNet"
+for EXTRA in "" "--rank 64 --no-kohya"; do
+  timeout 300 $TIMEV python3 -m diffusers_disback.cli export-lora /tmp/disback-run/final --output "/tmp/lora${EXTRA// /}" \
+    --base-model "$TEACHER" --device "$DEVICE" $EXTRA > "$OUT/export_lora${EXTRA// /}.log" 2>&1
+  echo "export-lora $EXTRA rc=$?"; grep -E "^(source|size_mb|layers|rank_|relative_error|not_repr)|Elapsed|Maximum resident" \
+    "$OUT/export_lora${EXTRA// /}.log"
+done

@@ -98,6 +98,13 @@ def test_full_rank_is_exact_and_error_falls_with_rank(world, tmp_path):
     assert report["summary"]["rank_max"] == 2 and report["settings"]["rank"] == 2
 
 
+def test_rank_is_capped_by_the_difference_it_factors(world):
+    _, _, base, _ = world
+    exactly_rank_2 = _perturb(base, 5, low_rank=2, noise=0.0)
+    _, layers, _ = extract_lora(exactly_rank_2, base, rank=64)
+    assert {layer.rank for layer in layers} <= {1, 2} and max(layer.relative_error for layer in layers) < 1e-3
+
+
 def test_energy_picks_the_rank_per_layer(world):
     _, _, base, generator = world
     _, layers, _ = extract_lora(generator, base, energy=0.9)

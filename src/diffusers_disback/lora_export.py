@@ -110,8 +110,9 @@ class LoraExport:
 
 
 def _rank_for(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
-    if rank is not None:
-        return max(1, min(rank, s.numel()))
+    if rank is not None:  # never above the difference's numerical rank: zero singular values carry nothing
+        numerical = int((s > s[0] * 1e-4).sum()) if s[0] > 0 else 1
+        return max(1, min(rank, numerical))
     kept = torch.cumsum(s.double() ** 2, 0) / (s.double() ** 2).sum()
     return int(torch.searchsorted(kept, torch.tensor(energy, dtype=kept.dtype) - 1e-12).item()) + 1
 
@@ -174,7 +175,7 @@ def extract_lora(
     Every `nn.Linear` and `nn.Conv2d` whose weight differs gets `lora_A` / `lora_B` from a truncated SVD of the
     difference (a convolution's kernel flattened to `out x (in k k)`: `lora_A` is a convolution with the layer's kernel,
     `lora_B` a 1x1 one, as peft builds them), split as `B = U sqrt(S)`, `A = sqrt(S) Vh`. Give `rank` (the same for
-    every layer, capped by the layer's size) or `energy` in (0, 1] (per layer, the smallest rank whose singular values
+    every layer, capped by the difference's numerical rank: singular values below 1e-4 of the largest, float32 rounding of the difference, are dropped) or `energy` in (0, 1] (per layer, the smallest rank whose singular values
     keep that fraction of `|dW|^2`; 1.0 reproduces the difference exactly). With `biases`, a changed bias becomes
     `lora_B.bias` (peft's `lora_bias`, which then covers every layer: such a LoRA loads and runs, but peft cannot fuse
     it into layers that have no bias of their own); without, changed biases are reported as not carried.
