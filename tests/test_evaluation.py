@@ -341,6 +341,24 @@ def test_load_pipeline_from_a_folder_a_hub_id_or_a_raw_checkpoint(hub_server, te
     assert torch.equal(converted.unet.conv_in.weight, teacher.unet.conv_in.weight)
 
 
+def test_a_disback_folder_is_evaluated_at_its_own_timesteps(pipe, caption_dir, extractor, tmp_path):
+    """A DisBack folder names a stock LCMScheduler, whose one-step rule alone would sample t = 999: `load_pipeline`
+    samples it as DisBackPipeline does (t = 399), so `disback evaluate` scores the generator as it is used."""
+    from diffusers_disback.evaluation import load_pipeline
+
+    pipe.save_pretrained(tmp_path / "disback")
+    loaded = load_pipeline(str(tmp_path / "disback"))
+    assert isinstance(loaded, DisBackPipeline) and type(loaded.scheduler).__name__ == "LCMScheduler"
+    loaded.set_progress_bar_config(disable=True)
+    captions = CaptionSet.from_dataset(caption_dir, "train", 2)
+    evaluate(loaded, captions, str(tmp_path / "eval"), _tiny_protocol(num_prompts=2), metrics=["fid"],
+             feature_extractor=extractor, stats_cache=str(tmp_path / "cache"), progress=False)  # fmt: skip
+    for i, caption in enumerate(captions.captions):
+        expected = pipe(caption, generator=torch.Generator().manual_seed(i), height=64, width=64).images[0]
+        got = Image.open(tmp_path / "eval" / "images" / f"{i:05d}.png")
+        assert np.abs(np.asarray(got, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
+
+
 def test_captions_and_images_stream_from_a_hub_dataset(hub_server, caption_dir):
     from huggingface_hub import HfApi
 

@@ -75,7 +75,8 @@ def load_pipeline(
 ):
     """
     The pipeline to evaluate: a diffusers folder or Hub id, loaded with `DiffusionPipeline.from_pretrained` and its
-    saved scheduler (DisBack repos sample their one-step timesteps with stock classes); or, with `checkpoint`, a
+    saved scheduler; a DisBack repo (docs/hub.md) as a `DisBackPipeline` over those components, so that
+    `num_inference_steps` samples the DisBack timesteps (1 step: the conditioning timestep). With `checkpoint`, a
     released raw UNet checkpoint put into `model` (the SDXL base) through the conversion path.
     """
     if checkpoint is not None:
@@ -84,7 +85,24 @@ def load_pipeline(
         return DisBackPipeline.from_unet_checkpoint(checkpoint, base_model=model, torch_dtype=torch_dtype)
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, revision=revision, variant=variant)
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, revision=revision, variant=variant)
+    if _is_disback_layout(pipe):
+        # A DisBack repo names a stock LCMScheduler, whose own one-step rule samples t = 999, not the generator's
+        # conditioning timestep: sample through DisBackPipeline, which hands any scheduler the DisBack timesteps.
+        from ..pipeline_disback import DisBackPipeline
+
+        pipe = DisBackPipeline.from_pipe(pipe)
+    return pipe
+
+
+def _is_disback_layout(pipe) -> bool:
+    """A folder written by `DisBackPipeline.save_pretrained`: an SDXL pipeline whose LCMScheduler has
+    `original_inference_steps == num_train_timesteps` (docs/hub.md)."""
+    scheduler = getattr(pipe, "scheduler", None)
+    if type(scheduler).__name__ != "LCMScheduler" or type(pipe).__name__ != "StableDiffusionXLPipeline":
+        return False
+    config = scheduler.config
+    return config.get("original_inference_steps") == config.get("num_train_timesteps")
 
 
 def library_versions() -> dict:
