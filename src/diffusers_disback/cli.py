@@ -259,7 +259,10 @@ def _model_id(args) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="disback", description="DisBack one-step SDXL generation and conversion.")
+    parser = argparse.ArgumentParser(
+        prog="disback",
+        description="DisBack one-step SDXL generation, editing LoRAs, demos, conversion and evaluation.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate images with a DisBack pipeline (Hub repo or folder)")
@@ -328,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
     e = sub.add_parser(
         "evaluate",
-        help="FID, patch-FID and CLIP score of a pipeline on COCO captions (DMD2 protocol); docs/evaluation.md",
+        help="FID, patch-FID and CLIP score of a pipeline on COCO captions (DMD2 protocol), or its accuracy on the "
+        "shapes world (--protocol shapes); docs/evaluation.md",
     )
     e.add_argument("model", help="pipeline folder or Hub id (with --checkpoint: the SDXL base model)")
     e.add_argument("--output", required=True, help="folder for images/, metrics.json and grid.png (resumable)")
