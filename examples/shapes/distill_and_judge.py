@@ -21,7 +21,7 @@ import time
 import torch
 
 from diffusers_disback import DisBackPipeline
-from diffusers_disback.evaluation import default_judge, fd_in_judge_features, judge_images
+from diffusers_disback.evaluation import CaptionSet, default_judge, fd_in_judge_features, shapes_metrics
 from diffusers_disback.hub import append_card_section
 from diffusers_disback.images import image_grid
 from diffusers_disback.shapes import SHOWCASE_CAPTIONS, all_scenes, write_prompts
@@ -68,27 +68,20 @@ def judge_both(args) -> dict:
     judge = default_judge()
     prompts = [s.caption for s in all_scenes()]
     seeds = list(range(len(prompts)))
-    held_out = [s.held_out for s in all_scenes()]
     teacher = StableDiffusionXLPipeline.from_pretrained(args.teacher)
     teacher.set_progress_bar_config(disable=True)
     student = DisBackPipeline.from_pretrained(os.path.join(args.output_dir, "final"))
     student.set_progress_bar_config(disable=True)
     results = {}
     images = {}
+    renders = list(CaptionSet.from_shapes().images())
     for name, pipe, kw in (
         ("teacher", teacher, dict(num_inference_steps=args.teacher_steps, guidance_scale=args.teacher_guidance)),
         ("one_step", student, {}),
     ):
         start = time.time()
         images[name] = sample(pipe, prompts, seeds, **kw)
-        seen = [im for im, h in zip(images[name], held_out) if not h]
-        unseen = [im for im, h in zip(images[name], held_out) if h]
-        results[name] = {
-            "all_captions": judge_images(judge, images[name], prompts),
-            "training_captions": judge_images(judge, seen, [p for p, h in zip(prompts, held_out) if not h]),
-            "held_out_captions": judge_images(judge, unseen, [p for p, h in zip(prompts, held_out) if h]),
-            "seconds": time.time() - start,
-        }
+        results[name] = {**shapes_metrics(images[name], prompts, renders, judge), "seconds": time.time() - start}
     results["fd_one_step_to_teacher"] = fd_in_judge_features(judge, images["one_step"], images["teacher"])
     demo = [prompts.index(p) for p in DEMO_PROMPTS]
     grid = image_grid([images["teacher"][i] for i in demo] + [images["one_step"][i] for i in demo], len(demo))
@@ -114,8 +107,9 @@ def main(argv=None):
         json.dump(results, f, indent=2)
     rows = {}
     for name in ("teacher", "one_step"):
-        for split in ("all_captions", "training_captions", "held_out_captions"):
-            rows[f"{name}: all-attribute accuracy, {split.replace('_', ' ')}"] = results[name][split]["accuracy/all"]
+        for split, key in (("all captions", ""), ("training captions", "_training_captions"),
+                           ("held-out captions", "_held_out_captions")):  # fmt: skip
+            rows[f"{name}: all-attribute accuracy, {split}"] = results[name][f"shapes_accuracy{key}"]
     rows["FD one-step to teacher (judge features)"] = results["fd_one_step_to_teacher"]
     append_card_section(
         os.path.join(args.output_dir, "final"),
@@ -127,9 +121,9 @@ def main(argv=None):
     for name in ("teacher", "one_step"):
         r = results[name]
         print(
-            f"{name}: all-attribute accuracy {r['all_captions']['accuracy/all']:.3f} "
-            f"(training captions {r['training_captions']['accuracy/all']:.3f}, held-out "
-            f"{r['held_out_captions']['accuracy/all']:.3f})"
+            f"{name}: all-attribute accuracy {r['shapes_accuracy']:.3f} "
+            f"(training captions {r['shapes_accuracy_training_captions']:.3f}, held-out "
+            f"{r['shapes_accuracy_held_out_captions']:.3f})"
         )
     print(f"FD one-step to teacher (judge features): {results['fd_one_step_to_teacher']:.2f}")
 

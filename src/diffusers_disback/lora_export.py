@@ -310,6 +310,8 @@ def export_lora(
     from diffusers import UNet2DConditionModel
 
     model, output_dir = os.fspath(model), os.fspath(output_dir)
+    if check_prompts and base_model is None:
+        raise ValueError("checking the LoRA against the generator needs the base model it goes on (--base-model)")
     local_adapter = os.path.join(model, RUN_ADAPTER_DIR)
     settings = {"model": model, "base_model": base_model, "rank": rank, "energy": energy, "biases": biases}
     if os.path.isdir(local_adapter) and rank is None and energy is None:
@@ -360,10 +362,7 @@ def _check(model, lora_dir, base_model, prompts, device, torch_dtype) -> dict[st
 
     full = DisBackPipeline.from_pretrained(model, torch_dtype=torch_dtype).to(device)
     full.set_progress_bar_config(disable=True)
-    if base_model is not None:
-        base_unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", torch_dtype=full.unet.dtype)
-    else:  # a LoRA-mode run: the base is the run's initial generator, which its card names; rebuild from the adapter
-        raise ValueError("checking a LoRA-mode export needs the base model (--base-model)")
+    base_unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", torch_dtype=full.unet.dtype)
     components = {**full.components, "unet": base_unet.to(device)}
     with_lora = DisBackPipeline(**components)
     with_lora.set_progress_bar_config(disable=True)
