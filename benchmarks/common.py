@@ -35,6 +35,7 @@ from diffusers_disback.distill import (
     DegradationPath,
     DegradationStep,
     DisBackConfig,
+    MethodPlan,
     NodeSwitcher,
     NoiseSchedule,
     OptimizerUpdate,
@@ -266,7 +267,7 @@ def run_distillation(
     workdir = tempfile.TemporaryDirectory(prefix="disback-path-")
     start = time.perf_counter()
     path = None
-    if cfg.method in ("disback", "warm"):
+    if MethodPlan.uses_path(cfg.method):
         path = record_path(workdir.name, teacher, generate, schedule, cfg, next_batch, rng)
         history.node_steps = [n.step for n in path.nodes[1:]]
         history.stage1_iterations = cfg.degradation_steps
@@ -275,12 +276,12 @@ def run_distillation(
     # ---------------------------------------------------------------- stage 2: backtracking (or plain DMD)
     teacher_score = Score(teacher, schedule, uncond=uncond)
     fake = copy.deepcopy(teacher)
-    switcher, num_nodes = None, 1
-    if cfg.method != "dmd":
+    method = MethodPlan.of(cfg.method, len(path) if path is not None else 1, cfg.fake_score_init)
+    switcher, num_nodes = None, method.num_targets
+    if path is not None:
         switcher = NodeSwitcher(path, copy.deepcopy(teacher).requires_grad_(False), teacher=teacher)
-        if cfg.method == "warm" or cfg.fake_score_init == "last_node":  # s_phi <- R[0], the most degraded node
-            fake.load_state_dict(path.merged_state_dict(teacher, len(path) - 1))
-        num_nodes = 1 if cfg.method == "warm" else len(path)
+    if method.fake_score_node is not None:  # s_phi <- R[0], the most degraded node
+        fake.load_state_dict(path.merged_state_dict(teacher, method.fake_score_node))
     seconds = [history.stage1_seconds]
     clock = [time.perf_counter()]
 

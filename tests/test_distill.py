@@ -13,6 +13,8 @@ from diffusers_disback import DisBackScheduler
 from diffusers_disback.distill import (
     BacktrackingSchedule,
     DegradationPath,
+    DisBackConfig,
+    MethodPlan,
     NodeSwitcher,
     NoiseSchedule,
     PathError,
@@ -143,7 +145,11 @@ def test_fixed_schedule_walks_back_and_holds_the_teacher():
     assert seen == [2, 2, 2, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
     assert s.at_teacher
     # it switched every interval, not once (the reference loop's switch fired at most once)
-    assert [BacktrackingSchedule.fixed_target_at(4, 3, u) for u in range(0, 10)] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 3]
+    again, targets = BacktrackingSchedule(num_nodes=4, backtrack_interval=3), []
+    for _ in range(10):
+        targets.append(again.target)
+        again.step()
+    assert targets == [1, 1, 1, 2, 2, 2, 3, 3, 3, 3]
 
 
 def test_schedule_resume_mid_path_equals_uninterrupted():
@@ -159,18 +165,26 @@ def test_schedule_resume_mid_path_equals_uninterrupted():
     for _ in range(1234 - 567):
         resumed.step()
     assert resumed.state_dict() == full.state_dict()
-    assert full.target == BacktrackingSchedule.fixed_target_at(11, 100, 1234) == 10
+    assert full.target == 10
     with pytest.raises(ValueError, match="num_nodes"):
         BacktrackingSchedule(num_nodes=5, backtrack_interval=100).load_state_dict(state)
 
 
-def test_dmd_and_warm_are_special_cases():
-    dmd = BacktrackingSchedule(num_nodes=1, backtrack_interval=10)
-    assert dmd.at_teacher and dmd.target_node == 0
-    warm = BacktrackingSchedule(
-        num_nodes=2, backtrack_interval=10
-    )  # fake at the last node, target the teacher at once
-    assert warm.at_teacher and warm.target_node == 0
+def test_method_plan_says_what_each_method_walks_and_where_the_fake_score_starts():
+    assert MethodPlan.of("disback", path_length=4) == MethodPlan("disback", num_targets=4, fake_score_node=3)
+    assert MethodPlan.of("disback", 4, fake_score_init="teacher").fake_score_node is None
+    warm = MethodPlan.of("warm", path_length=4)  # fake at the last node, target the teacher at once
+    assert (warm.num_targets, warm.fake_score_node) == (1, 3)
+    assert MethodPlan.of("dmd", fake_score_init="last_node") == MethodPlan("dmd", num_targets=1, fake_score_node=None)
+    assert MethodPlan.of("disback", path_length=1).fake_score_node is None  # a path of the teacher alone
+    assert [MethodPlan.uses_path(m) for m in ("disback", "dmd", "warm")] == [True, False, True]
+    with pytest.raises(ValueError, match="method must be one of"):
+        MethodPlan.of("dmd2")
+    config = DisBackConfig(backtrack_interval=10)
+    for method, path_length in (("dmd", 1), ("warm", 4)):
+        schedule = MethodPlan.of(method, path_length).schedule(config)
+        assert schedule.at_teacher and schedule.target_node == 0 and schedule.backtrack_interval == 10
+    assert MethodPlan.of("disback", 4).schedule(config).target_node == 2
 
 
 def test_adaptive_rule_advances_when_caught_up():
@@ -204,12 +218,6 @@ def test_adaptive_rule_advances_when_caught_up():
     assert not BacktrackingSchedule(
         num_nodes=3, backtrack_interval=3, backtrack_rule="adaptive"
     ).step()  # no signal yet: no advance
-
-
-def test_schedule_refuses_a_checkpoint_that_counted_generator_updates():
-    old = {"num_nodes": 3, "rule": "fixed", "updates": 10, "target": 2, "updates_on_target": 0}
-    with pytest.raises(ValueError, match="counted generator updates"):
-        BacktrackingSchedule(num_nodes=3).load_state_dict({**old, "reference_distance": None})
 
 
 # -------------------------------------------------------------------------------------------------- paths

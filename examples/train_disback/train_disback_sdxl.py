@@ -47,6 +47,7 @@ from diffusers_disback.distill import (
     DegradationPath,
     DegradationStep,
     DisBackConfig,
+    MethodPlan,
     NodeSwitcher,
     NoiseSchedule,
     OptimizerUpdate,
@@ -827,22 +828,23 @@ def run_backtracking(run: Run, plan: ResumePlan) -> tuple[torch.nn.Module, Degra
     teacher from the start, no path; `warm`: the teacher from the start, the fake score from the last node). Returns
     the trained generator (prepared) and the path."""
     args, config, acc = run.args, run.config, run.accelerator
-    if config.method == "dmd":  # a path of the teacher alone: nothing is read or written
-        path = DegradationPath.create(tempfile.mkdtemp(prefix="disback-dmd-"), run.frozen.teacher)
-    else:
+    if MethodPlan.uses_path(config.method):
         path = DegradationPath.load(args.path_dir)
-        if config.method == "disback":
-            warn_if_short(config, path)
+    else:  # a path of the teacher alone: nothing is read or written
+        path = DegradationPath.create(tempfile.mkdtemp(prefix="disback-dmd-"), run.frozen.teacher)
+    method = MethodPlan.of(config.method, len(path), config.fake_score_init)
+    if method.num_targets > 1:
+        warn_if_short(config, path)
     gan = config.gan_loss_weight > 0
     generator, params_g = trainable_unet(
         run, load_initial_generator(args, run.frozen.teacher), config.lora_rank, GENERATOR_ADAPTER, False
     )
     fake = teacher_unet_fp32(args)
-    if (config.fake_score_init == "last_node" or config.method == "warm") and len(path) > 1:  # s_phi <- R[0]
-        fake.load_state_dict(path.merged_state_dict(fake, len(path) - 1))
+    if method.fake_score_node is not None:  # s_phi <- R[0]
+        fake.load_state_dict(path.merged_state_dict(fake, method.fake_score_node))
     fake, params_f = trainable_unet(run, fake, config.lora_rank, FAKE_SCORE_ADAPTER, gan)
     switcher = NodeSwitcher(path, copy.deepcopy(run.frozen.teacher), teacher=run.frozen.teacher)
-    schedule = BacktrackingSchedule.from_config(config, num_nodes=1 if config.method == "warm" else len(path))
+    schedule = method.schedule(config)
     opt_g = make_optimizer(params_g, config.learning_rate, config)
     opt_f = make_optimizer(params_f, config.fake_learning_rate, config)
     # both LR schedules count stage-2 iterations (the reference steps the generator's every iteration, updated or not)
@@ -987,7 +989,7 @@ def main(argv=None):
     run = make_run(args, accelerator)  # 3. frozen models, 4. data
     try:
         plan = plan_resume(args.resume_from_checkpoint, args.output_dir, args.stage)  # 5. resume plan
-        if "degradation" in plan.stages and args.config.method != "dmd":
+        if "degradation" in plan.stages and MethodPlan.uses_path(args.config.method):
             run_degradation(run, plan)  # 6. stage 1
         if "backtracking" in plan.stages:
             generator, path = run_backtracking(run, plan)  # 7. stage 2

@@ -4,7 +4,7 @@ the training steps both stages run, the settings, and the LoRA helpers.
 Nothing in this package imports SDXL-specific code: a score is any epsilon-predicting callable `eps(x_t, t, cond)`.
 """
 
-from .backtracking import BacktrackingSchedule, target_score
+from .backtracking import METHODS, BacktrackingSchedule, MethodPlan, target_score
 from .config import DisBackConfig, add_config_arguments
 from .degradation import (
     DegradationPath,
@@ -48,12 +48,14 @@ __all__ = [
     "FAKE_SCORE_ADAPTER",
     "GENERATOR_ADAPTER",
     "LORA_ADAPTER",
+    "METHODS",
     "BacktrackingSchedule",
     "BacktrackingStep",
     "DegradationPath",
     "DegradationStep",
     "DisBackConfig",
     "GanTerm",
+    "MethodPlan",
     "NodeSwitcher",
     "NoiseSchedule",
     "OptimizerUpdate",

@@ -28,8 +28,8 @@ class BacktrackingSchedule:
     Which path node the generator is matched against.
 
     Args:
-        num_nodes: nodes in the path including the teacher (`N + 1`); 2 means "last node, then teacher" (the warm
-            control), 1 means "teacher only" (plain DMD).
+        num_nodes: nodes the target walks, the teacher included (`N + 1` for DisBack; 1 means "the teacher only",
+            as plain DMD and the warm control run: [`MethodPlan`]).
         backtrack_interval: `K`: calls to [`step`] per node (fixed rule; the adaptive rule's upper bound). The
             training steps call `step` once per stage-2 iteration, as the reference does: SDXL K = 1000 iterations.
         backtrack_rule: `"fixed"` (the paper: advance every `interval` steps) or `"adaptive"` (advance when the generator has
@@ -145,29 +145,74 @@ class BacktrackingSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         """Restores [`state_dict`]; the path length and rule must match the run being resumed."""
-        if "updates" in state:
-            raise ValueError(
-                "this checkpoint's backtracking schedule counted generator updates (written by an older "
-                "diffusers_disback); the schedule now counts stage-2 iterations, so its position cannot be carried "
-                "over. Restart stage 2 from the path (--stage backtracking) or finish the run with the version that "
-                "wrote it."
-            )
         for key in ("num_nodes", "backtrack_rule"):
-            saved = state.get(key, state.get("rule"))  # `rule`: written before the settings had one name each
-            if saved != getattr(self, key):
+            if state[key] != getattr(self, key):
                 raise ValueError(
-                    f"checkpoint's backtracking schedule has {key}={saved!r}, this run has {getattr(self, key)!r}"
+                    f"checkpoint's backtracking schedule has {key}={state[key]!r}, this run has {getattr(self, key)!r}"
                 )
         # the position only: settings such as `backtrack_interval` come from this run's arguments
         for key in ("steps", "target", "steps_on_target", "reference_distance", "smoothed_distance"):
             setattr(self, key, state[key])
 
+
+METHODS = ("disback", "dmd", "warm")
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """
+    What a method (`DisBackConfig.method`) means for stage 2: the one place that decides it, for the training script
+    and the benchmarks alike.
+
+    - `"disback"`: the target walks the whole reversed path back to the teacher; the fake score starts at the most
+      degraded node `R[0]` (or at the teacher with `fake_score_init="teacher"`).
+    - `"dmd"`: no path (stage 1 is skipped); the fake score and the target are the teacher from the start (DMD2).
+    - `"warm"`: the control: the fake score starts at the path's last node, but the target is the teacher from the
+      start (what the path buys beyond a better-initialised fake score).
+
+    Args:
+        method: one of [`METHODS`].
+        num_targets: the nodes the target walks, the teacher included ([`BacktrackingSchedule`]'s `num_nodes`).
+        fake_score_node: the recorded-path node the fake score starts from (`P_N`, the most degraded), or `None`
+            for the teacher.
+
+    Example:
+        ```py
+        >>> MethodPlan.of("disback", path_length=11)
+        MethodPlan(method='disback', num_targets=11, fake_score_node=10)
+        >>> MethodPlan.of("warm", path_length=11)
+        MethodPlan(method='warm', num_targets=1, fake_score_node=10)
+        >>> MethodPlan.of("dmd")
+        MethodPlan(method='dmd', num_targets=1, fake_score_node=None)
+        ```
+    """
+
+    method: str
+    num_targets: int
+    fake_score_node: int | None
+
+    @staticmethod
+    def uses_path(method: str) -> bool:
+        """Whether `method` needs a recorded path (stage 1 runs for it)."""
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        return method != "dmd"
+
     @classmethod
-    def fixed_target_at(cls, num_nodes: int, backtrack_interval: int, steps: int) -> int:
-        """The fixed rule in closed form: the reversed-path target after `steps` calls to [`step`]."""
-        if num_nodes == 1:
-            return 0
-        return min(1 + steps // backtrack_interval, num_nodes - 1)
+    def of(cls, method: str, path_length: int = 1, fake_score_init: str = "last_node") -> MethodPlan:
+        """The plan of `method` on a recorded path of `path_length` nodes (the teacher included; 1 for `"dmd"`)."""
+        if not cls.uses_path(method):
+            return cls(method, num_targets=1, fake_score_node=None)
+        if path_length < 1:
+            raise ValueError(f"path_length must be >= 1 (the teacher alone is 1), got {path_length}")
+        last = path_length - 1 if path_length > 1 else None  # a path of the teacher alone has no degraded node
+        if method == "warm":
+            return cls(method, num_targets=1, fake_score_node=last)
+        return cls(method, num_targets=path_length, fake_score_node=last if fake_score_init == "last_node" else None)
+
+    def schedule(self, config) -> BacktrackingSchedule:
+        """The stage-2 schedule of this plan with a [`DisBackConfig`]'s `backtrack_*` settings."""
+        return BacktrackingSchedule.from_config(config, num_nodes=self.num_targets)
 
 
 INTERMEDIATE_CFG = ("none", "node", "teacher")

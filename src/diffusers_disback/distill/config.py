@@ -16,6 +16,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 
+from .backtracking import METHODS
+
 
 def _setting(default, help: str, choices: tuple | None = None, aliases: tuple[str, ...] = ()):
     return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases})
@@ -33,8 +35,8 @@ class DisBackConfig:
         "disback: record the path, then walk it back; dmd: no path (stage 1 skipped), the fake score and the target "
         "are the teacher from the start (DMD2 without its GAN term, the baseline); warm: the path's last node starts "
         "the fake score but the target is the teacher from the start (a control: what the path buys beyond a "
-        "better-initialised fake score)",
-        ("disback", "dmd", "warm"),
+        "better-initialised fake score); what each means for stage 2 is `MethodPlan`",
+        METHODS,
     )
     # ------------------------------------------------------------------------------- stage 1: degradation recording
     degradation_steps: int = _setting(1000, "N1: stage-1 steps (paper: 1000)")
