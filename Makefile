@@ -14,21 +14,21 @@ $(STAMP): pyproject.toml requirements-test.txt
 	# clean-fid without its dependencies: it declares torchvision, which would replace the pinned CPU torch; the
 	# tests use only its resizer (cleanfid.resize), which needs numpy and PIL. The Inception network is not used here.
 	$(PY) -m pip install --quiet --no-deps clean-fid==0.1.35
-	# gradio for the web demo's tests, without its dependencies: it declares pillow<13, which would replace the pinned
-	# pillow; its other requirements are in requirements-test.txt. (Users get it with `pip install ".[demo]"`.)
+	# gradio for the web app's tests, without its dependencies: it declares pillow<13, which would replace the pinned
+	# pillow; its other requirements are in requirements-test.txt. (Users get it with `pip install ".[app]"`.)
 	$(PY) -m pip install --quiet --no-deps gradio==6.31.0 gradio_client==2.7.2 hf-gradio==0.4.1
 	touch $(STAMP)
 
 install: $(STAMP)
 
-# Debian's chromium and chromedriver for the browser test (tests/test_demo.py), installed only when missing. If apt-get
+# Debian's chromium and chromedriver for the browser test (tests/test_app.py), installed only when missing. If apt-get
 # fails the suite still runs and that test fails, saying what is missing.
 APT_GET := $(if $(filter 0,$(shell id -u)),,sudo -n )apt-get
 browser:
 	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; else \
 		echo "installing chromium and chromium-driver (apt) for the browser test"; \
 		( $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq chromium chromium-driver ) \
-		|| echo "WARNING: could not install chromium + chromium-driver: tests/test_demo.py's browser test will fail"; \
+		|| echo "WARNING: could not install chromium + chromium-driver: tests/test_app.py's browser test will fail"; \
 	fi
 
 demo: $(STAMP)

@@ -3,8 +3,8 @@
 disback generate MODEL "a prompt" --output image.png [--steps 1] [--seed 0]
 disback convert CHECKPOINT --base-model DIR_OR_REPO --output DIR [--push-to-hub REPO] [--fp16-variant] [--unet-only]
 disback push FOLDER REPO_ID
-disback push FOLDER REPO_ID --space SPACE_ID                (also a Gradio Space demo of the model)
-disback demo MODEL [--tiny-vae REPO] [--port 7860]           (needs the demo extra: pip install "diffusers_disback[demo]")
+disback push FOLDER REPO_ID --space SPACE_ID                (also the web app of the model, as a Gradio Space)
+disback app MODEL [--tiny-vae REPO] [--port 7860]            (needs the app extra: pip install "diffusers_disback[app]")
 disback export-lora MODEL --output DIR [--base-model BASE] [--rank R | --energy E] [--push-to-hub REPO]
 disback evaluate MODEL --output DIR (--coco-annotations JSON --coco-images DIR | --dataset NAME | --captions-file TXT)
     [--protocol sdxl-coco10k] [--num-prompts N] [--reference-dir DIR] ...   (also under `accelerate launch -m`)
@@ -100,7 +100,7 @@ def _push(args) -> int:
     if not os.path.isdir(args.folder):
         raise SystemExit(f"error: {args.folder!r} is not a folder here; push uploads a local folder")
     print(push_folder(args.folder, args.repo_id, private=args.private, max_retries=args.max_retries))
-    if args.space:  # the web demo of what was just pushed, as a Space (docs/demo.md)
+    if args.space:  # the web app of what was just pushed, as a Space (docs/app.md)
         from .hub import push_space
 
         print(
@@ -112,12 +112,12 @@ def _push(args) -> int:
     return 0
 
 
-def _demo(args) -> int:
-    from .demo import run_demo
+def _app(args) -> int:
+    from .app import run_app
 
     if args.model:
         _model_source(args.model)
-    return run_demo(args)
+    return run_app(args)
 
 
 def _caption_set(args, protocol):
@@ -261,7 +261,7 @@ def _model_id(args) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="disback",
-        description="DisBack one-step SDXL generation, editing LoRAs, demos, conversion and evaluation.",
+        description="DisBack one-step SDXL generation, editing LoRAs, a web app, conversion and evaluation.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -319,16 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repo_id")
     p.add_argument("--private", action="store_true")
     p.add_argument("--max-retries", type=int, default=3)
-    p.add_argument("--space", metavar="SPACE_ID", default=None, help="also push a Gradio Space demo of REPO_ID")
+    p.add_argument("--space", metavar="SPACE_ID", default=None, help="also push REPO_ID's web app as a Gradio Space")
     p.add_argument("--space-hardware", default=None, help="the Space's hardware, e.g. t4-small (default: the Hub's)")
     p.add_argument("--tiny-vae", default=None, help="AutoencoderTiny repo for the Space's fast decode")
     p.set_defaults(func=_push)
 
-    from .demo import add_demo_arguments  # the standard library only, at import
+    from .app import add_app_arguments  # the standard library only, at import
 
-    d = sub.add_parser("demo", help="a web demo (Gradio) of a DisBack model; generates as you type (docs/demo.md)")
-    add_demo_arguments(d)
-    d.set_defaults(func=_demo)
+    a = sub.add_parser("app", help="a web app (Gradio) of a DisBack model; generates as you type (docs/app.md)")
+    add_app_arguments(a)
+    a.set_defaults(func=_app)
     e = sub.add_parser(
         "evaluate",
         help="FID, patch-FID and CLIP score of a pipeline on COCO captions (DMD2 protocol), or its accuracy on the "

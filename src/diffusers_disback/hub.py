@@ -486,7 +486,7 @@ def push_pipeline(
 
 # ----------------------------------------------------------------------------------------------------------- Space
 
-# The Gradio the Space runs (its `sdk_version`): the release tests/test_demo.py drives in a browser.
+# The Gradio the Space runs (its `sdk_version`): the release tests/test_app.py drives in a browser.
 SPACE_SDK_VERSION = "6.31.0"
 # What the Space installs besides Gradio (which the Hub installs from `sdk_version`): the app needs only these.
 SPACE_REQUIREMENTS = ("torch", "diffusers>=0.32", "transformers>=4.44", "accelerate>=1.0", "safetensors>=0.4.3")
@@ -494,16 +494,16 @@ SPACE_APP_FILE = "app.py"
 
 
 def space_app_source(model_repo_id: str, tiny_vae: str | None = None) -> str:
-    """The Space's `app.py`: `diffusers_disback/demo.py` with `DEFAULT_MODEL` (and `DEFAULT_TINY_VAE`) written in."""
-    from . import demo
+    """The Space's `app.py`: `diffusers_disback/app.py` with `DEFAULT_MODEL` (and `DEFAULT_TINY_VAE`) written in."""
+    from . import app
 
-    with open(demo.__file__, encoding="utf-8") as f:
+    with open(app.__file__, encoding="utf-8") as f:
         source = f.read()
     for name, value in (("DEFAULT_MODEL", model_repo_id), ("DEFAULT_TINY_VAE", tiny_vae)):
         pattern = re.compile(rf"^{name}: str \| None = None$", flags=re.MULTILINE)
         source, n = pattern.subn(lambda _m, name=name, value=value: f"{name}: str | None = {value!r}", source)
         if n != 1:
-            raise RuntimeError(f"{demo.__file__} has no single `{name}: str | None = None` line to write the id into")
+            raise RuntimeError(f"{app.__file__} has no single `{name}: str | None = None` line to write the id into")
     return source
 
 
@@ -544,17 +544,17 @@ def make_space_card(
     content = (
         f"---\n{data.to_yaml()}\n---\n\n"
         f"# {title}\n\n"
-        f"A web demo of [{model_repo_id}](https://huggingface.co/{model_repo_id}), a one-step SDXL generator distilled "
+        f"A web app for [{model_repo_id}](https://huggingface.co/{model_repo_id}), a one-step SDXL generator distilled "
         "by **Distribution Backtracking** (DisBack): type a prompt and the image follows as you type. One step "
         "samples at timestep 399 from pure noise; 2 and 4 steps at timesteps evenly spaced down from 999; no "
         f"classifier-free guidance.{fast}\n\n"
         "## Run it yourself\n\n"
         "```bash\n"
-        "pip install 'diffusers_disback[demo]'\n"
-        f"disback demo {model_repo_id}\n"
+        "pip install 'diffusers_disback[app]'\n"
+        f"disback app {model_repo_id}\n"
         "```\n\n"
         f"or, with only torch, diffusers, transformers and gradio: `python app.py` (this Space's {SPACE_APP_FILE} "
-        "is `diffusers_disback/demo.py` with the model id written in).\n\n"
+        "is `diffusers_disback/app.py` with the model id written in).\n\n"
         f"Made with [diffusers_disback](https://github.com/diffusers-disback/diffusers_disback) (`disback push "
         f"--space {space_id}`).\n"
     )
@@ -572,14 +572,14 @@ def push_space(
     hardware: str | None = None,
     private: bool | None = None,
     token: str | None = None,
-    commit_message: str = "Upload DisBack demo",
+    commit_message: str = "Upload DisBack app",
     max_retries: int = 3,
     retry_wait: float = 2.0,
     api: HfApi | None = None,
 ) -> str:
     """
-    Creates (or updates) a Gradio Space that demos the DisBack model `model_repo_id`: `app.py` (the package's
-    `demo.py` with the model id written in), `requirements.txt` and a `README.md` with the Space front matter, in one
+    Creates (or updates) a Gradio Space that serves the DisBack model `model_repo_id`: `app.py` (the package's
+    `app.py` with the model id written in), `requirements.txt` and a `README.md` with the Space front matter, in one
     commit, with the retries of [`push_folder`]. The files are built in memory: nothing is written locally.
 
     Args:

@@ -1,4 +1,4 @@
-"""The web demo (`diffusers_disback.demo`) and its Space (`hub.push_space`).
+"""The web app (`diffusers_disback.app`) and its Space (`hub.push_space`).
 
 - the generation behind the UI: same seed -> same image, equal to `DisBackPipeline`'s; steps 1/2/4 -> the DisBack
   timesteps; fast decode through an (untrained) `AutoencoderTiny`; the shapes teacher, whose repo names Euler;
@@ -7,7 +7,7 @@
   chromium and chromedriver by selenium: type a prompt, see its image, change the prompt, see the new image, switch to
   4 steps. It never skips: without chromium it fails and says how to install it (`make browser`).
 
-`DISBACK_DEMO_SCREENSHOT=docs/images/demo.png pytest tests/test_demo.py -m browser` also writes the screenshot the
+`DISBACK_APP_SCREENSHOT=docs/images/app.png pytest tests/test_app.py -m browser` also writes the screenshot the
 docs show.
 """
 
@@ -30,11 +30,11 @@ from diffusers import AutoencoderTiny
 from huggingface_hub import hf_hub_download, list_repo_files
 
 from diffusers_disback import DisBackPipeline
-from diffusers_disback.demo import (
-    DemoResult,
-    DisBackDemo,
-    add_demo_arguments,
-    build_demo,
+from diffusers_disback.app import (
+    AppEngine,
+    AppResult,
+    add_app_arguments,
+    build_app,
     disback_timesteps,
     main,
     update_history,
@@ -47,7 +47,7 @@ from diffusers_disback.testing import get_sdxl_components, get_tiny_taesd
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # gradio reads it when a Blocks is built: never phone home
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_FILE = REPO / "src" / "diffusers_disback" / "demo.py"
+APP_FILE = REPO / "src" / "diffusers_disback" / "app.py"
 SHAPES_TEACHER = REPO / "examples" / "shapes" / "teacher"
 PROMPT = "a red circle"
 
@@ -59,7 +59,7 @@ def _pixels(image) -> np.ndarray:
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
     """A tiny DisBack pipeline folder (the Hub layout) that carries its own tiny VAE in `vae_tiny/`."""
-    folder = tmp_path_factory.mktemp("demo") / "disback-tiny"
+    folder = tmp_path_factory.mktemp("app") / "disback-tiny"
     DisBackPipeline(**get_sdxl_components("tiny", scheduler="disback")).save_pretrained(folder)
     get_tiny_taesd().save_pretrained(folder / "vae_tiny")
     return folder
@@ -67,7 +67,7 @@ def model_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(model_folder):
-    return DisBackDemo.from_pretrained(model_folder)
+    return AppEngine.from_pretrained(model_folder)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_timesteps_follow_the_disback_rule():
     assert disback_timesteps(2) == [999, 499]
     assert disback_timesteps(4) == [999, 749, 499, 249]
     assert disback_timesteps(1, conditioning_timestep=299) == [299]
-    for n in range(1, 9):  # the demo's copy (demo.py must stand alone) equals the package's rule
+    for n in range(1, 9):  # the app's copy (app.py must stand alone) equals the package's rule
         assert disback_timesteps(n) == package_timesteps(n)
     with pytest.raises(ValueError):
         disback_timesteps(0)
@@ -130,16 +130,16 @@ def test_fast_decode_uses_the_tiny_vae(engine, reference, model_folder):
     assert np.abs(_pixels(fast.image) - _pixels(by_hand)).max() <= 1
 
     # given explicitly (a folder, or a model), and absent
-    explicit = DisBackDemo(reference, tiny_vae=get_tiny_taesd())
+    explicit = AppEngine(reference, tiny_vae=get_tiny_taesd())
     assert np.array_equal(_pixels(explicit.generate(PROMPT, seed=1, fast_decode=True).image), _pixels(fast.image))
-    loaded = DisBackDemo.from_pretrained(model_folder, tiny_vae=model_folder / "vae_tiny")
+    loaded = AppEngine.from_pretrained(model_folder, tiny_vae=model_folder / "vae_tiny")
     assert isinstance(loaded.tiny_vae, AutoencoderTiny)
     with pytest.raises(ValueError, match="tiny VAE"):
-        DisBackDemo(reference).generate(PROMPT, fast_decode=True)
+        AppEngine(reference).generate(PROMPT, fast_decode=True)
 
 
 def test_shapes_teacher_loads_the_plain_way_and_sizes(reference):
-    shapes = DisBackDemo.from_pretrained(SHAPES_TEACHER)  # its repo names EulerDiscreteScheduler
+    shapes = AppEngine.from_pretrained(SHAPES_TEACHER)  # its repo names EulerDiscreteScheduler
     assert type(shapes.pipe.scheduler).__name__ == "LCMScheduler"
     assert shapes.pipe.scheduler.config.original_inference_steps == 1000
     assert shapes.tiny_vae is None  # no vae_tiny/ in the folder: fast decode is off
@@ -154,13 +154,13 @@ def test_shapes_teacher_loads_the_plain_way_and_sizes(reference):
     assert shapes.generate(caption, size=(32, 64)).image.size == (32, 64)
     with pytest.raises(ValueError, match="multiples of 16"):
         shapes.generate(caption, size="50x50")
-    sdxl_like = DisBackDemo.__new__(DisBackDemo)  # the choices an SDXL-sized model gets
+    sdxl_like = AppEngine.__new__(AppEngine)  # the choices an SDXL-sized model gets
     sdxl_like.native_size, sdxl_like.size_multiple = 1024, 32
     assert sdxl_like.size_choices() == ["1024x1024", "896x1152", "1152x896", "768x768", "512x512"]
 
 
 def _result(prompt, seed=0, seconds=0.1, finished=100.0):
-    return DemoResult(None, seconds, prompt, seed, 1, [399], 64, 64, False, finished=finished)
+    return AppResult(None, seconds, prompt, seed, 1, [399], 64, 64, False, finished=finished)
 
 
 def test_history_keeps_one_entry_per_prompt_being_typed():
@@ -176,23 +176,23 @@ def test_history_keeps_one_entry_per_prompt_being_typed():
     assert len(history) == 5 and history[0].prompt == "p19"
 
 
-def test_build_demo_wires_the_controls(engine, reference):
+def test_build_app_wires_the_controls(engine, reference):
     import gradio as gr
 
-    demo = build_demo(engine, warmup=False)
-    assert isinstance(demo, gr.Blocks)
-    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    app = build_app(engine, warmup=False)
+    assert isinstance(app, gr.Blocks)
+    by_id = {b.elem_id: b for b in app.blocks.values() if getattr(b, "elem_id", None)}
     assert {"prompt", "seed", "steps", "size", "fast-decode", "generate", "output", "timing", "history"} <= set(by_id)
     assert by_id["fast-decode"].interactive is True
     assert by_id["steps"].choices == [("1", 1), ("2", 2), ("4", 4)]
-    no_tiny = build_demo(DisBackDemo(reference), warmup=False, examples=None)
+    no_tiny = build_app(AppEngine(reference), warmup=False, examples=None)
     assert {b.elem_id: b for b in no_tiny.blocks.values()}["fast-decode"].interactive is False
 
 
 def test_cli_helpers(monkeypatch, capsys):
     import argparse
 
-    parser = add_demo_arguments(argparse.ArgumentParser())
+    parser = add_app_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["owner/model", "--port", "7861", "--tiny-vae", "madebyollin/taesdxl", "--no-warmup"])
     assert (args.model, args.port, args.tiny_vae, args.no_warmup, args.host) == (
         "owner/model",
@@ -205,10 +205,18 @@ def test_cli_helpers(monkeypatch, capsys):
     assert main([]) == 2 and "no model" in capsys.readouterr().err
     assert main(["owner/model", "--dtype", "float64"]) == 2 and "unknown dtype" in capsys.readouterr().err
 
+    from diffusers_disback.cli import build_parser  # `disback app`; "demo" names only `make demo` (examples/demo.py)
 
-def test_demo_file_stands_alone():
-    """demo.py is uploaded as the Space's app.py: stdlib-only imports at module level, no diffusers_disback."""
-    tree = ast.parse(DEMO_FILE.read_text(encoding="utf-8"))
+    cli = build_parser()
+    assert cli.parse_args(["app", "owner/model", "--port", "7861"]).port == 7861
+    with pytest.raises(SystemExit):
+        cli.parse_args(["demo", "owner/model"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_app_file_stands_alone():
+    """app.py is uploaded as the Space's app.py: stdlib-only imports at module level, no diffusers_disback."""
+    tree = ast.parse(APP_FILE.read_text(encoding="utf-8"))
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -229,7 +237,7 @@ def test_demo_file_stands_alone():
     import subprocess
 
     out = subprocess.run(
-        [sys.executable, "-I", str(DEMO_FILE), "--help"], capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-I", str(APP_FILE), "--help"], capture_output=True, text=True, timeout=60, check=True
     )
     assert "--tiny-vae" in out.stdout and "DISBACK_MODEL" in out.stdout
 
@@ -238,23 +246,23 @@ def test_demo_file_stands_alone():
 
 
 def test_push_space_and_run_its_app_from_the_hub(hub_server, model_folder, engine, tmp_path):
-    push_folder(model_folder, "user/disback-demo-model")
-    url = push_space("user/disback-demo-model", "user/disback-demo", hardware="t4-small")
-    assert "spaces/user/disback-demo" in url
-    files = set(list_repo_files("user/disback-demo", repo_type="space"))
+    push_folder(model_folder, "user/disback-app-model")
+    url = push_space("user/disback-app-model", "user/disback-app", hardware="t4-small")
+    assert "spaces/user/disback-app" in url
+    files = set(list_repo_files("user/disback-app", repo_type="space"))
     assert {"app.py", "requirements.txt", "README.md"} <= files
 
-    readme = Path(hf_hub_download("user/disback-demo", "README.md", repo_type="space")).read_text(encoding="utf-8")
+    readme = Path(hf_hub_download("user/disback-app", "README.md", repo_type="space")).read_text(encoding="utf-8")
     meta = yaml.safe_load(readme.split("---")[1])
     assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py" and meta["sdk_version"] == SPACE_SDK_VERSION
-    assert meta["models"] == ["user/disback-demo-model"] and meta["title"] and meta["suggested_hardware"] == "t4-small"
-    assert "disback demo user/disback-demo-model" in readme
-    requirements = Path(hf_hub_download("user/disback-demo", "requirements.txt", repo_type="space")).read_text()
+    assert meta["models"] == ["user/disback-app-model"] and meta["title"] and meta["suggested_hardware"] == "t4-small"
+    assert "disback app user/disback-app-model" in readme
+    requirements = Path(hf_hub_download("user/disback-app", "requirements.txt", repo_type="space")).read_text()
     assert "diffusers" in requirements and "diffusers_disback" not in requirements and "gradio" not in requirements
 
     # the Space's app.py, run as the Space runs it (no package import), loads the model repo from the Hub
-    app_path = hf_hub_download("user/disback-demo", "app.py", repo_type="space")
-    assert "DEFAULT_MODEL: str | None = 'user/disback-demo-model'" in Path(app_path).read_text(encoding="utf-8")
+    app_path = hf_hub_download("user/disback-app", "app.py", repo_type="space")
+    assert "DEFAULT_MODEL: str | None = 'user/disback-app-model'" in Path(app_path).read_text(encoding="utf-8")
     spec = importlib.util.spec_from_file_location("disback_space_app", app_path)
     app = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = app  # as for any module (dataclasses look their module up there)
@@ -262,57 +270,57 @@ def test_push_space_and_run_its_app_from_the_hub(hub_server, model_folder, engin
         spec.loader.exec_module(app)
     finally:
         del sys.modules[spec.name]
-    space_engine = app.DisBackDemo.from_pretrained(app.DEFAULT_MODEL)
+    space_engine = app.AppEngine.from_pretrained(app.DEFAULT_MODEL)
     assert space_engine.tiny_vae is not None  # found in the model repo's vae_tiny/ on the Hub
     for fast in (False, True):
         got = space_engine.generate(PROMPT, seed=2, steps=4, fast_decode=fast).image
         assert np.array_equal(_pixels(got), _pixels(engine.generate(PROMPT, seed=2, steps=4, fast_decode=fast).image))
 
     # pushing again updates the same Space (a new commit), e.g. with a tiny VAE repo for fast decode
-    head = hub_server.head("user/disback-demo", repo_type="space")
-    push_space("user/disback-demo-model", "user/disback-demo", tiny_vae="madebyollin/taesdxl")
-    assert hub_server.head("user/disback-demo", repo_type="space") != head
-    app_text = hub_server.files("user/disback-demo", repo_type="space")["app.py"].decode()
+    head = hub_server.head("user/disback-app", repo_type="space")
+    push_space("user/disback-app-model", "user/disback-app", tiny_vae="madebyollin/taesdxl")
+    assert hub_server.head("user/disback-app", repo_type="space") != head
+    app_text = hub_server.files("user/disback-app", repo_type="space")["app.py"].decode()
     assert "DEFAULT_TINY_VAE: str | None = 'madebyollin/taesdxl'" in app_text
 
 
 def test_cli_push_with_a_space(hub_server, model_folder, capsys):
     from diffusers_disback.cli import main
 
-    assert main(["push", str(model_folder), "user/disback-cli-model", "--space", "user/disback-cli-demo"]) == 0
-    assert "spaces/user/disback-cli-demo" in capsys.readouterr().out
+    assert main(["push", str(model_folder), "user/disback-cli-model", "--space", "user/disback-cli-app"]) == 0
+    assert "spaces/user/disback-cli-app" in capsys.readouterr().out
     assert "model_index.json" in set(list_repo_files("user/disback-cli-model"))
     assert {"app.py", "requirements.txt", "README.md"} <= set(
-        list_repo_files("user/disback-cli-demo", repo_type="space")
+        list_repo_files("user/disback-cli-app", repo_type="space")
     )
 
 
 def test_failed_space_push_raises_and_leaves_everything_as_it_was(hub_server, tmp_path, monkeypatch):
-    push_space("user/disback-demo-model", "user/disback-demo-fail", retry_wait=0.01)
-    head = hub_server.head("user/disback-demo-fail", repo_type="space")
-    before = hub_server.files("user/disback-demo-fail", repo_type="space")
+    push_space("user/disback-app-model", "user/disback-app-fail", retry_wait=0.01)
+    head = hub_server.head("user/disback-app-fail", repo_type="space")
+    before = hub_server.files("user/disback-app-fail", repo_type="space")
     monkeypatch.chdir(tmp_path)
 
     hub_server.reset_counts()
     hub_server.fail_next("commit", times=4, status=500)
     with pytest.raises(HubPushError, match="after 4 attempt"):
-        push_space("user/other-model", "user/disback-demo-fail", retry_wait=0.01)
+        push_space("user/other-model", "user/disback-app-fail", retry_wait=0.01)
     assert hub_server.count("commit") == 4  # 1 try + 3 retries
-    assert hub_server.head("user/disback-demo-fail", repo_type="space") == head
-    assert hub_server.files("user/disback-demo-fail", repo_type="space") == before
+    assert hub_server.head("user/disback-app-fail", repo_type="space") == head
+    assert hub_server.files("user/disback-app-fail", repo_type="space") == before
     assert list(tmp_path.iterdir()) == []  # nothing written locally
 
     hub_server.reset_counts()
     hub_server.fail_next("commit", times=1, status=403)  # not retried
     with pytest.raises(HubPushError, match="1 attempt"):
-        push_space("user/other-model", "user/disback-demo-fail", retry_wait=0.01)
+        push_space("user/other-model", "user/disback-app-fail", retry_wait=0.01)
     assert hub_server.count("commit") == 1
 
     hub_server.reset_counts()
     hub_server.fail_next("commit", times=1, status=503)  # transient: the retry goes through
-    push_space("user/other-model", "user/disback-demo-fail", retry_wait=0.01)
+    push_space("user/other-model", "user/disback-app-fail", retry_wait=0.01)
     assert hub_server.count("commit") == 2
-    assert b"user/other-model" in hub_server.files("user/disback-demo-fail", repo_type="space")["app.py"]
+    assert b"user/other-model" in hub_server.files("user/disback-app-fail", repo_type="space")["app.py"]
 
 
 # --------------------------------------------------------------------------------------------------------- browser
@@ -358,18 +366,18 @@ def test_browser_types_a_prompt_and_sees_the_image(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
     monkeypatch.setenv("SE_OFFLINE", "true")  # selenium-manager must never try to download a driver or browser
 
-    # DISBACK_DEMO_MODEL points the page at another model, e.g. a distilled shapes generator for the docs' screenshot
-    engine = DisBackDemo.from_pretrained(os.environ.get("DISBACK_DEMO_MODEL", SHAPES_TEACHER))
-    engine.name = os.environ.get("DISBACK_DEMO_LABEL", "examples/shapes/teacher")  # as the page shows it
+    # DISBACK_APP_MODEL points the page at another model, e.g. a distilled shapes generator for the docs' screenshot
+    engine = AppEngine.from_pretrained(os.environ.get("DISBACK_APP_MODEL", SHAPES_TEACHER))
+    engine.name = os.environ.get("DISBACK_APP_LABEL", "examples/shapes/teacher")  # as the page shows it
     first, second = SHOWCASE_CAPTIONS[0], SHOWCASE_CAPTIONS[1]
     expected = {
         (first, 1): _pixels(engine.generate(first, seed=0, steps=1).image),
         (second, 1): _pixels(engine.generate(second, seed=0, steps=1).image),
         (second, 4): _pixels(engine.generate(second, seed=0, steps=4).image),
     }
-    demo = build_demo(engine, examples=SHOWCASE_CAPTIONS[:4], warmup=False)
+    app = build_app(engine, examples=SHOWCASE_CAPTIONS[:4], warmup=False)
     port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False, quiet=True)
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False, quiet=True)
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
@@ -416,11 +424,11 @@ def test_browser_types_a_prompt_and_sees_the_image(tmp_path, monkeypatch):
         _wait(lambda: shown((second, 1)), 30, "the one-step image again")
         _wait(lambda: "1 step" in driver.find_element(By.ID, "timing").text, 10, "timing")
 
-        screenshot = tmp_path / "demo.png"
+        screenshot = tmp_path / "app.png"
         assert driver.save_screenshot(str(screenshot))
         assert screenshot.stat().st_size > 10_000
-        if os.environ.get("DISBACK_DEMO_SCREENSHOT"):
-            shutil.copyfile(screenshot, os.environ["DISBACK_DEMO_SCREENSHOT"])
+        if os.environ.get("DISBACK_APP_SCREENSHOT"):
+            shutil.copyfile(screenshot, os.environ["DISBACK_APP_SCREENSHOT"])
     finally:
         driver.quit()
-        demo.close()
+        app.close()

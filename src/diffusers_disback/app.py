@@ -4,11 +4,11 @@
 # it can be uploaded as a Hugging Face Space's `app.py` next to nothing else: `diffusers_disback.hub.push_space`
 # does that, writing the model's repo id into DEFAULT_MODEL below. It must never import `diffusers_disback`.
 """
-A web demo of a DisBack one-step SDXL generator (Gradio): it generates as you type.
+A web app for a DisBack one-step SDXL generator (Gradio): it generates as you type.
 
-    disback demo MODEL [--tiny-vae TAESD_XL] [--host 127.0.0.1] [--port 7860]
-    python demo.py MODEL          # the same, without the package (this file is the Space's app.py)
-    DISBACK_MODEL=owner/repo python demo.py
+    disback app MODEL [--tiny-vae TAESD_XL] [--host 127.0.0.1] [--port 7860]
+    python app.py MODEL          # the same, without the package (this file is the Space's app.py)
+    DISBACK_MODEL=owner/repo python app.py
 
 MODEL is a DisBack repo id or folder (any SDXL pipeline folder loads: its scheduler is replaced by diffusers' stock
 `LCMScheduler` configured to sample the DisBack timesteps, the third loading route of docs/hub.md). One step samples
@@ -62,13 +62,13 @@ if not any(isinstance(f, _QuietLCM) for f in _lcm_logger.filters):
 
 __all__ = [
     "DEFAULT_MODEL",
-    "DemoResult",
-    "DisBackDemo",
-    "add_demo_arguments",
-    "build_demo",
+    "AppEngine",
+    "AppResult",
+    "add_app_arguments",
+    "build_app",
     "disback_timesteps",
     "main",
-    "run_demo",
+    "run_app",
     "update_history",
 ]
 
@@ -90,7 +90,7 @@ def disback_timesteps(
 
 
 @dataclass
-class DemoResult:
+class AppResult:
     """One generated image and how it was made."""
 
     image: Any  # PIL.Image.Image
@@ -120,11 +120,11 @@ class DemoResult:
 
 
 @dataclass
-class DisBackDemo:
+class AppEngine:
     """
     The generation behind the UI: a `StableDiffusionXLPipeline` sampled the DisBack way, and an optional tiny VAE.
 
-    Build it with [`DisBackDemo.from_pretrained`], or from a loaded SDXL pipeline (its scheduler is replaced by an
+    Build it with [`AppEngine.from_pretrained`], or from a loaded SDXL pipeline (its scheduler is replaced by an
     `LCMScheduler` with `original_inference_steps = num_train_timesteps`, which computes what `DisBackScheduler` does
     at these timesteps). `generate` is thread-safe (one image at a time).
     """
@@ -163,7 +163,7 @@ class DisBackDemo:
         dtype: Any = None,
         variant: str | None = None,
         revision: str | None = None,
-    ) -> DisBackDemo:
+    ) -> AppEngine:
         """
         Loads a DisBack repo id or folder with plain diffusers, on `device` (default: cuda if available, else cpu) in
         `dtype` (default: float16 on cuda, float32 elsewhere). `tiny_vae`: an `AutoencoderTiny` repo id or folder (or
@@ -220,7 +220,7 @@ class DisBackDemo:
         steps: int = 1,
         size: str | tuple[int, int] | None = None,
         fast_decode: bool = False,
-    ) -> DemoResult:
+    ) -> AppResult:
         """One image: `steps` 1 (t = 399) or N (evenly spaced from 999), seeded by a CPU generator as
         `DisBackPipeline` and `disback generate` are, so the same seed gives the same image as they do."""
         import torch
@@ -245,7 +245,7 @@ class DisBackDemo:
             if torch.device(self.pipe.device).type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
-        return DemoResult(image, seconds, prompt, seed, steps, timesteps, width, height, bool(fast_decode))
+        return AppResult(image, seconds, prompt, seed, steps, timesteps, width, height, bool(fast_decode))
 
     def _tiny_decode(self, latents):
         vae = self.tiny_vae
@@ -268,12 +268,12 @@ def _load_tiny_vae(spec, model: str, dtype, revision: str | None):
         return AutoencoderTiny.from_pretrained(
             model, subfolder=TINY_VAE_SUBFOLDER, torch_dtype=dtype, revision=revision
         )
-    except Exception as e:  # noqa: BLE001 - any failure means "no tiny VAE in this repo"; the demo runs without
+    except Exception as e:  # noqa: BLE001 - any failure means "no tiny VAE in this repo"; the app runs without
         logger.info("No tiny VAE in %s/%s (%s): fast decode is off.", model, TINY_VAE_SUBFOLDER, type(e).__name__)
         return None
 
 
-def update_history(history: list[DemoResult], result: DemoResult, limit: int = HISTORY_SIZE) -> list[DemoResult]:
+def update_history(history: list[AppResult], result: AppResult, limit: int = HISTORY_SIZE) -> list[AppResult]:
     """
     The recent images, newest first. A result that follows the newest one within `HISTORY_MERGE_SECONDS` of idle time
     (from the end of one generation to the start of the next) with the same settings replaces it: while a prompt is
@@ -288,13 +288,13 @@ def update_history(history: list[DemoResult], result: DemoResult, limit: int = H
     return [result, *history][:limit]
 
 
-def _caption(result: DemoResult) -> str:
+def _caption(result: AppResult) -> str:
     step_word = "step" if result.steps == 1 else "steps"
     return f"{result.prompt} (seed {result.seed}, {result.steps} {step_word}, {result.seconds * 1000:.0f} ms)"
 
 
-def build_demo(
-    model: str | os.PathLike | DisBackDemo,
+def build_app(
+    model: str | os.PathLike | AppEngine,
     device: str | None = None,
     *,
     tiny_vae: str | os.PathLike | Any | None = None,
@@ -306,14 +306,14 @@ def build_demo(
 ):
     """
     The Gradio app: a prompt that generates as you type, seed, steps (1/2/4), size, fast decode (tiny VAE), the time
-    per image and a gallery of recent images. `model`: a repo id or folder, or a [`DisBackDemo`] already loaded.
+    per image and a gallery of recent images. `model`: a repo id or folder, or an [`AppEngine`] already loaded.
     Returns a `gr.Blocks`; call `.launch()` on it.
     """
     gr = _gradio()
     engine = (
         model
-        if isinstance(model, DisBackDemo)
-        else DisBackDemo.from_pretrained(model, tiny_vae=tiny_vae, device=device, dtype=dtype, variant=variant)
+        if isinstance(model, AppEngine)
+        else AppEngine.from_pretrained(model, tiny_vae=tiny_vae, device=device, dtype=dtype, variant=variant)
     )
     if warmup:  # the first call pays one-off costs; the times shown are then those of the next ones
         engine.generate("warm-up", seed=0, steps=1)
@@ -330,7 +330,7 @@ def build_demo(
         return result.image, result.describe(engine.device), gallery, history
 
     # generated images are files in gradio's cache: drop those older than an hour, every ten minutes
-    with gr.Blocks(title=title or f"DisBack: {name}", delete_cache=(600, 3600)) as demo:
+    with gr.Blocks(title=title or f"DisBack: {name}", delete_cache=(600, 3600)) as app:
         gr.HTML(f"<style>{_CSS}</style>")
         gr.Markdown(
             f"# {title or 'DisBack one-step text-to-image'}\n"
@@ -384,7 +384,7 @@ def build_demo(
             show_progress="minimal",
         )
         dice.click(lambda: random.randint(0, 2**31 - 1), outputs=[seed])
-    return demo
+    return app
 
 
 # small models make small images: show them scaled up, with sharp pixels
@@ -399,7 +399,7 @@ def _gradio():
         import gradio as gr
     except ImportError as e:
         raise RuntimeError(
-            "The demo needs gradio: `pip install 'diffusers_disback[demo]'` (or `pip install gradio`)."
+            "The app needs gradio: `pip install 'diffusers_disback[app]'` (or `pip install gradio`)."
         ) from e
     return gr
 
@@ -407,8 +407,8 @@ def _gradio():
 # ------------------------------------------------------------------------------------------------------------ CLI
 
 
-def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The arguments of `disback demo` (and of `python demo.py`). Needs neither torch nor gradio."""
+def add_app_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of `disback app` (and of `python app.py`). Needs neither torch nor gradio."""
     parser.add_argument(
         "model",
         nargs="?",
@@ -438,14 +438,14 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16"}
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    """Builds and serves the demo from parsed `add_demo_arguments` arguments; blocks until interrupted."""
+def run_app(args: argparse.Namespace) -> int:
+    """Builds and serves the app from parsed `add_app_arguments` arguments; blocks until interrupted."""
     model = args.model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     if not model:
         raise ValueError(f"no model: give MODEL (a DisBack repo id or folder) or set ${MODEL_ENV}")
     if args.dtype is not None and args.dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {args.dtype!r}; choose from {sorted(set(_DTYPES))}")
-    demo = build_demo(
+    app = build_app(
         model,
         args.device,
         tiny_vae=args.tiny_vae or os.environ.get(TINY_VAE_ENV) or DEFAULT_TINY_VAE,
@@ -458,17 +458,17 @@ def run_demo(args: argparse.Namespace) -> int:
     launch: dict[str, Any] = {"server_name": args.host, "server_port": args.port, "share": args.share}
     if "GRADIO_SSR_MODE" not in os.environ:
         launch["ssr_mode"] = False  # server-side rendering needs Node.js; the plain app needs nothing more
-    demo.launch(**launch)
+    app.launch(**launch)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python demo.py [MODEL] [options]`: the Space's entry point, and a package-free way to run the demo."""
-    parser = argparse.ArgumentParser(prog="demo.py", description=__doc__.strip().splitlines()[0])
-    add_demo_arguments(parser)
+    """`python app.py [MODEL] [options]`: the Space's entry point, and a package-free way to run the app."""
+    parser = argparse.ArgumentParser(prog="app.py", description=__doc__.strip().splitlines()[0])
+    add_app_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return run_demo(args)
+        return run_app(args)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
