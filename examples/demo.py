@@ -29,7 +29,7 @@ from PIL import Image
 from diffusers_disback import DisBackPipeline
 from diffusers_disback.evaluation import default_judge, judge_images
 from diffusers_disback.images import image_grid
-from diffusers_disback.shapes import SHOWCASE_CAPTIONS, all_scenes, write_prompts
+from diffusers_disback.shapes import SHOWCASE_CAPTIONS, all_scenes, distill_arguments, write_prompts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(HERE, "train_disback")
@@ -73,13 +73,18 @@ def main() -> None:
         "--train_data_files", prompts_file,
         "--output_dir", run_dir,
         "--stage", "all",
-        "--resolution", "64", "--train_batch_size", "16",
-        "--degradation_steps", str(args.degradation_steps), "--path_interval", str(max(1, args.degradation_steps // 2)),
-        "--max_train_steps", str(args.max_train_steps), "--fake_score_update_ratio", "5",
-        "--backtrack_interval", str(max(1, args.max_train_steps // 3)),
-        "--learning_rate", "1e-4", "--lr_warmup_steps", "0", "--guidance_scale", "5",
-        "--checkpointing_steps", str(max(1, args.max_train_steps // 2)),
-        "--validation_steps", str(max(1, args.max_train_steps // 2)),
+        *distill_arguments(  # the shapes recipe on a smaller budget
+            mixed_precision=None,  # the accelerate config's (fp32)
+            degradation_steps=args.degradation_steps,
+            path_interval=max(1, args.degradation_steps // 2),
+            max_train_steps=args.max_train_steps,
+            backtrack_interval=max(1, args.max_train_steps // 3),
+            learning_rate=1e-4,
+            conditioning_timestep=None,  # the script's default, 399
+            checkpointing_steps=max(1, args.max_train_steps // 2),
+            checkpoints_total_limit=None,  # keep every checkpoint
+            validation_steps=max(1, args.max_train_steps // 2),
+        ),
         "--validation_prompts", *PROMPTS[:4],
     ]  # fmt: skip
     print(f"[2/4] training both stages: {' '.join(cmd[2:])}", flush=True)

@@ -12,7 +12,7 @@ from diffusers import UNet2DConditionModel
 
 from diffusers_disback import DisBackPipeline
 from diffusers_disback.evaluation import default_judge, judge_images
-from diffusers_disback.shapes import all_scenes, write_prompts
+from diffusers_disback.shapes import all_scenes, distill_arguments, write_prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "train_disback", "train_disback_sdxl.py")
@@ -32,12 +32,21 @@ def _one_step_accuracy(pipe) -> float:
 
 def test_the_script_distills_the_shapes_teacher_into_a_one_step_generator_that_follows_prompts(tmp_path):
     out = tmp_path / "run"
+    recipe = distill_arguments(  # the shapes recipe on make demo's budget, without its checkpoints and validation
+        degradation_steps=40,
+        path_interval=20,
+        max_train_steps=300,
+        backtrack_interval=100,
+        learning_rate=1e-4,
+        conditioning_timestep=None,  # the script's default, 399
+        checkpointing_steps=1000,
+        checkpoints_total_limit=None,
+        validation_steps=0,
+        report_to="none",
+    )
+    prompts = write_prompts(str(tmp_path / "prompts.txt"), "train")
     cmd = [sys.executable, SCRIPT, "--pretrained_teacher_model", TEACHER, "--output_dir", str(out),
-           "--train_data_files", write_prompts(str(tmp_path / "prompts.txt"), "train"), "--resolution", "64",
-           "--train_batch_size", "16", "--mixed_precision", "no", "--degradation_steps", "40", "--path_interval", "20",
-           "--max_train_steps", "300", "--fake_score_update_ratio", "5", "--backtrack_interval", "100",
-           "--learning_rate", "1e-4", "--lr_warmup_steps", "0", "--guidance_scale", "5", "--checkpointing_steps",
-           "1000", "--validation_steps", "0", "--report_to", "none"]  # fmt: skip
+           "--train_data_files", prompts, *recipe]  # fmt: skip
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=1200, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     )

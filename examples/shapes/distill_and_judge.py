@@ -4,8 +4,8 @@
     python examples/shapes/distill_and_judge.py --teacher shapes-teacher --output_dir shapes-run [--method dmd]
 
 1. writes the training split's captions as the prompt file (the held-out colour-shape pairs are never trained on);
-2. runs `examples/train_disback/train_disback_sdxl.py` on the teacher, unchanged, with the settings below (any extra
-   arguments after `--` go to it);
+2. runs `examples/train_disback/train_disback_sdxl.py` on the teacher, unchanged, with the shapes recipe
+   (`diffusers_disback.shapes.distill_arguments()`; any extra arguments after `--` go to it);
 3. samples the teacher (Euler, 25 steps, CFG) and the distilled `DisBackPipeline` (one step) for every caption of
    the world, the same seeds for both, scores both with the shapes judge (`diffusers_disback.evaluation`), and
    writes `judge.json` and `grid.png` (teacher row above one-step row, held-out captions included).
@@ -24,18 +24,13 @@ from diffusers_disback import DisBackPipeline
 from diffusers_disback.evaluation import CaptionSet, default_judge, fd_in_judge_features, shapes_metrics
 from diffusers_disback.hub import append_card_section
 from diffusers_disback.images import image_grid
-from diffusers_disback.shapes import SHOWCASE_CAPTIONS, all_scenes, write_prompts
+from diffusers_disback.shapes import SHOWCASE_CAPTIONS, all_scenes, distill_arguments, write_prompts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "..", "train_disback", "train_disback_sdxl.py")
-# what the shapes teacher distills with (a 6M-parameter UNet, 64x64 images, batch 16 on a CPU)
-SETTINGS = [
-    "--resolution", "64", "--train_batch_size", "16", "--mixed_precision", "no",
-    "--degradation_steps", "200", "--path_interval", "50", "--max_train_steps", "1500",
-    "--fake_score_update_ratio", "5", "--backtrack_interval", "250", "--learning_rate", "5e-5",
-    "--lr_warmup_steps", "0", "--guidance_scale", "5", "--conditioning_timestep", "399",
-    "--checkpointing_steps", "500", "--checkpoints_total_limit", "1", "--validation_steps", "250",
-]  # fmt: skip
+# What the shapes teacher distills with: the recipe as it is (diffusers_disback.shapes.distill_arguments).
+# SETTINGS and DEMO_PROMPTS stay importable for benchmarks/shapes_compare.py until it imports those itself.
+SETTINGS = distill_arguments()
 DEMO_PROMPTS = list(SHOWCASE_CAPTIONS)  # the last three are held-out pairs: never trained on
 
 
@@ -83,8 +78,8 @@ def judge_both(args) -> dict:
         images[name] = sample(pipe, prompts, seeds, **kw)
         results[name] = {**shapes_metrics(images[name], prompts, renders, judge), "seconds": time.time() - start}
     results["fd_one_step_to_teacher"] = fd_in_judge_features(judge, images["one_step"], images["teacher"])
-    demo = [prompts.index(p) for p in DEMO_PROMPTS]
-    grid = image_grid([images["teacher"][i] for i in demo] + [images["one_step"][i] for i in demo], len(demo))
+    shown = [prompts.index(p) for p in SHOWCASE_CAPTIONS]
+    grid = image_grid([images["teacher"][i] for i in shown] + [images["one_step"][i] for i in shown], len(shown))
     grid.save(os.path.join(args.output_dir, "grid.png"))
     return results
 
@@ -96,7 +91,7 @@ def main(argv=None):
     if not args.skip_training:
         cmd = [sys.executable, SCRIPT, "--pretrained_teacher_model", args.teacher, "--output_dir", args.output_dir,
                "--train_data_files", prompts, "--method", args.method, "--seed", str(args.seed),
-               "--validation_prompts", *DEMO_PROMPTS[:4], *SETTINGS, *args.extra]  # fmt: skip
+               "--validation_prompts", *SHOWCASE_CAPTIONS[:4], *SETTINGS, *args.extra]  # fmt: skip
         if os.path.isdir(os.path.join(args.output_dir, "checkpoints")):
             cmd += ["--resume_from_checkpoint", "latest"]
         start = time.time()

@@ -10,7 +10,8 @@ combinations it never saw. Rendering is deterministic by seed (size 20-26 px, +-
 
 The world is exposed through `datasets`' formats so the training script reads it unchanged:
 [`write_imagefolder`] writes PNGs and a `metadata.jsonl` whose `text` field is the caption (an `imagefolder` for
-`--real_data_dir` / `--eval_dataset`, and a prompt file for `--train_data_files`).
+`--real_data_dir` / `--eval_dataset`, and a prompt file for `--train_data_files`). [`distill_arguments`] is how
+its teacher is distilled: the training script's flags, written once for every caller.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import itertools
 import json
 import os
 import random
+import re
 from dataclasses import asdict, dataclass
+from types import MappingProxyType
 
 from PIL import Image, ImageDraw
 
@@ -161,3 +164,48 @@ def write_prompts(path: str, split: str = "train") -> str:
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(s.caption for s in all_scenes(split)) + "\n")
     return path
+
+
+# How the shapes teacher distils (a 6M-parameter UNet, 64x64 images, batch 16 on a CPU): the flags of
+# `examples/train_disback/train_disback_sdxl.py`, in this order. Read through [`distill_arguments`].
+DISTILL_RECIPE = MappingProxyType(
+    {
+        "resolution": 64,
+        "train_batch_size": 16,
+        "mixed_precision": "no",
+        "degradation_steps": 200,
+        "path_interval": 50,
+        "max_train_steps": 1500,
+        "fake_score_update_ratio": 5,
+        "backtrack_interval": 250,
+        "learning_rate": 5e-5,
+        "lr_warmup_steps": 0,
+        "guidance_scale": 5,
+        "conditioning_timestep": 399,
+        "checkpointing_steps": 500,
+        "checkpoints_total_limit": 1,
+        "validation_steps": 250,
+    }
+)
+
+
+def distill_arguments(**overrides) -> list[str]:
+    """
+    The shapes distillation recipe as training-script arguments: `["--resolution", "64", "--train_batch_size",
+    "16", ...]`. It is written only here, and `examples/shapes/distill_and_judge.py` (as it is), `make demo`
+    (`examples/demo.py`, a shorter budget), the quality test (`tests/test_shapes_quality.py`) and
+    `benchmarks/shapes_compare.py` all use it.
+
+    Each keyword replaces the value of that flag of [`DISTILL_RECIPE`] (in its place); `None` leaves the flag out, to
+    the script's default; a keyword the recipe does not have is appended as `--name value`.
+
+        distill_arguments(max_train_steps=300, checkpoints_total_limit=None, report_to="none")
+    """
+    flags = {**DISTILL_RECIPE, **overrides}
+    return [part for name, value in flags.items() if value is not None for part in (f"--{name}", _flag(value))]
+
+
+def _flag(value) -> str:
+    if isinstance(value, float):  # repr's 5e-05 as 5e-5; 0.0001 and 5.0 stay as they are
+        return re.sub(r"e([+-]?)0*(\d)", r"e\1\2", repr(value))
+    return str(value)

@@ -1,0 +1,46 @@
+"""The shapes distillation recipe, written once (`diffusers_disback.shapes.distill_arguments`) and used by
+`examples/shapes/distill_and_judge.py`, `make demo`, the quality test and `benchmarks/shapes_compare.py`."""
+
+import importlib.util
+import os
+
+from diffusers_disback.shapes import DISTILL_RECIPE, distill_arguments
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# the recipe as examples/shapes/distill_and_judge.py wrote it out before it moved into the package
+RECIPE = [
+    "--resolution", "64", "--train_batch_size", "16", "--mixed_precision", "no",
+    "--degradation_steps", "200", "--path_interval", "50", "--max_train_steps", "1500",
+    "--fake_score_update_ratio", "5", "--backtrack_interval", "250", "--learning_rate", "5e-5",
+    "--lr_warmup_steps", "0", "--guidance_scale", "5", "--conditioning_timestep", "399",
+    "--checkpointing_steps", "500", "--checkpoints_total_limit", "1", "--validation_steps", "250",
+]  # fmt: skip
+
+
+def test_the_recipe_is_the_distill_and_judge_settings():
+    assert distill_arguments() == RECIPE
+    assert list(DISTILL_RECIPE) == [flag[2:] for flag in RECIPE[::2]]
+    spec = importlib.util.spec_from_file_location(
+        "distill_and_judge", os.path.join(ROOT, "examples", "shapes", "distill_and_judge.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.SETTINGS == RECIPE  # what benchmarks/shapes_compare.py imports today
+
+
+def test_overrides_replace_in_place_drop_with_none_and_append_new_flags():
+    args = distill_arguments(max_train_steps=300, learning_rate=1e-4, checkpoints_total_limit=None, report_to="none")
+    flags = dict(zip(args[::2], args[1::2]))
+    assert len(flags) * 2 == len(args)
+    assert flags["--max_train_steps"] == "300" and float(flags["--learning_rate"]) == 1e-4
+    assert "--checkpoints_total_limit" not in flags
+    assert args[-2:] == ["--report_to", "none"]  # a flag the recipe does not have comes last
+    assert args.index("--max_train_steps") == RECIPE.index("--max_train_steps")  # a replaced value keeps its place
+    expected = dict(zip(RECIPE[::2], RECIPE[1::2]))
+    changed = {"--max_train_steps", "--learning_rate", "--checkpoints_total_limit", "--report_to"}
+    assert {k: v for k, v in flags.items() if k not in changed} == {
+        k: v for k, v in expected.items() if k not in changed
+    }
+    assert distill_arguments(learning_rate=5e-5, resolution=64) == RECIPE  # the recipe's own values, written the same
+    assert distill_arguments() == RECIPE  # overrides never change the recipe itself
