@@ -1,7 +1,8 @@
 """Atomic writes: a file appears whole under its name or not at all (a crash or a full disk leaves no half file).
 
-`pipeline_disback.py` keeps its own small writer: it is uploaded to the Hub as remote code and imports nothing
-from this package but the scheduler.
+The package's one writer. The remote code (`pipeline_utils_disback.py`, which travels to the Hub without the package)
+does not use it: it only rewrites the two JSON files diffusers' `save_pretrained` has just written, and does so in
+place as diffusers does.
 """
 
 from __future__ import annotations

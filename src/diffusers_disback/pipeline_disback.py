@@ -1,15 +1,14 @@
 # Copyright 2026 The diffusers_disback authors. Licensed under the Apache License, Version 2.0.
 #
-# This file is self-contained apart from its siblings `pipeline_utils_disback.py` and `scheduling_disback.py`, so that
-# they can be uploaded next to a model on the Hub and loaded as remote code by people who do not have `diffusers_disback` installed:
+# This file travels as remote code (`pipeline.py` of a saved folder / Hub repo, see `write_disback_layout`) with its
+# siblings `pipeline_utils_disback.py` and `scheduling_disback.py`, for people who do not have
+# `diffusers_disback` installed:
 #     DiffusionPipeline.from_pretrained(repo_id, custom_pipeline=repo_id, trust_remote_code=True)
+# Besides them it imports only the package's `checkpoints`, inside `from_unet_checkpoint` and relatively: run as
+# remote code it has no such sibling, so it never reaches for an installed package.
 """DisBackPipeline: one-step text-to-image generation with an SDXL generator distilled by DisBack (or DMD2)."""
 
-import importlib
-import inspect
-import json
 import os
-import shutil
 from typing import Any, Callable
 
 import torch
@@ -23,23 +22,6 @@ from .pipeline_utils_disback import DisBackMixin
 from .scheduling_disback import DisBackScheduler, disback_timesteps
 
 logger = logging.get_logger(__name__)
-
-# The file names the remote code travels under in a saved pipeline folder / Hub repo. diffusers loads `pipeline.py`
-# for `custom_pipeline=<repo or folder>` and fetches the modules it imports relatively from the same folder.
-REMOTE_PIPELINE_FILE = "pipeline.py"
-REMOTE_SCHEDULER_FILE = "scheduling_disback.py"
-REMOTE_UTILS_FILE = (
-    "pipeline_utils_disback.py"  # what the pipeline files share, imported relatively like the scheduler
-)
-# The editing pipelines travel next to it, each loaded with `custom_pipeline="<file name without .py>"` (diffusers
-# looks a `custom_pipeline` name up as `<name>.py` in the repo / folder being loaded): remote name -> package file.
-REMOTE_EDITING_FILES = {
-    "pipeline_img2img.py": "pipeline_disback_img2img.py",
-    "pipeline_inpaint.py": "pipeline_disback_inpaint.py",
-}
-# The stock scheduler written into model_index.json. With `original_inference_steps == num_train_timesteps` it
-# samples exactly the DisBack timesteps, so plain `StableDiffusionXLPipeline.from_pretrained` needs no remote code.
-STOCK_SCHEDULER = ["diffusers", "LCMScheduler"]
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -73,7 +55,7 @@ class DisBackPipeline(DisBackMixin, StableDiffusionXLPipeline):
     `save_pretrained` writes a folder that loads three ways: with this class, with plain
     `StableDiffusionXLPipeline.from_pretrained` (model_index.json names only stock classes), and with
     `DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)` (this file and the
-    scheduler's are copied into the folder). The editing pipelines load from the same folder:
+    files it imports are copied into the folder). The editing pipelines load from the same folder:
     `DisBackImg2ImgPipeline.from_pretrained(folder)`, or as remote code with `custom_pipeline="pipeline_img2img"`
     (`"pipeline_inpaint"`).
 
@@ -115,10 +97,13 @@ class DisBackPipeline(DisBackMixin, StableDiffusionXLPipeline):
         Requires the `diffusers_disback` package.
         """
         try:
-            checkpoints = importlib.import_module("diffusers_disback.checkpoints")
+            # a sibling only in the package (diffusers' remote-code loader fetches the files of `from .name import`
+            # lines, not of `from . import name`)
+            from . import checkpoints
         except ImportError as e:
             raise ImportError(
-                "`from_unet_checkpoint` needs the `diffusers_disback` package: `pip install diffusers_disback`."
+                "`from_unet_checkpoint` needs the `diffusers_disback` package: `pip install diffusers_disback`, then "
+                "`diffusers_disback.DisBackPipeline.from_unet_checkpoint(...)`."
             ) from e
         unet = checkpoints.load_unet_checkpoint(
             checkpoint,
@@ -128,46 +113,6 @@ class DisBackPipeline(DisBackMixin, StableDiffusionXLPipeline):
             checkpoint_revision=kwargs.pop("checkpoint_revision", None),
         )
         return cls.from_pretrained(base_model, unet=unet, torch_dtype=torch_dtype, **kwargs)
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        safe_serialization: bool = True,
-        variant: str | None = None,
-        push_to_hub: bool = False,
-        **kwargs,
-    ):
-        r"""
-        Saves the pipeline in the DisBack layout, which plain diffusers can load too.
-
-        On top of [`DiffusionPipeline.save_pretrained`]: `model_index.json` names `StableDiffusionXLPipeline` and a
-        stock `LCMScheduler` (configured to sample the DisBack timesteps), and `pipeline.py`, `pipeline_img2img.py`,
-        `pipeline_inpaint.py` plus `scheduling_disback.py` and `pipeline_utils_disback.py` are copied into the folder as
-        remote code.
-
-        Args:
-            save_directory (`str` or `os.PathLike`): the folder to write.
-            safe_serialization (`bool`, defaults to `True`): write safetensors.
-            variant (`str`, *optional*): e.g. `"fp16"` to write `*.fp16.safetensors` weights.
-            push_to_hub (`bool`, defaults to `False`): push the folder to the Hub with a model card afterwards
-                (needs the `diffusers_disback` package; keyword arguments go to `diffusers_disback.hub.push_pipeline`,
-                e.g. `repo_id`, `private`, `token`).
-        """
-        push_kwargs = {}
-        for key in ("repo_id", "commit_message", "private", "create_pr", "token", "card_data", "sample_prompts"):
-            if key in kwargs:
-                push_kwargs[key] = kwargs.pop(key)
-        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant, **kwargs)
-        write_disback_layout(save_directory, self.scheduler)
-        if push_to_hub:
-            try:
-                hub = importlib.import_module("diffusers_disback.hub")
-            except ImportError as e:
-                raise ImportError(
-                    "Pushing a DisBack pipeline needs the `diffusers_disback` package: `pip install diffusers_disback`."
-                    f" The folder was saved at {save_directory}; upload it with `huggingface_hub.upload_folder`."
-                ) from e
-            hub.push_pipeline_folder(save_directory, pipeline=self, **push_kwargs)
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -284,65 +229,3 @@ class DisBackPipeline(DisBackMixin, StableDiffusionXLPipeline):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs or ["latents"],
             **kwargs,
         )
-
-
-def write_disback_layout(save_directory: str | os.PathLike, scheduler=None) -> None:
-    """
-    Turns a folder written by `DiffusionPipeline.save_pretrained` into the DisBack layout.
-
-    - `model_index.json`: `_class_name` becomes `StableDiffusionXLPipeline`; a DisBack scheduler is recorded as the
-      stock `LCMScheduler`, so no loading route needs remote code unless it asks for it.
-    - `scheduler/scheduler_config.json`: the same class swap, plus `original_inference_steps = num_train_timesteps`
-      so `LCMScheduler(num_inference_steps=N)` samples the DisBack timesteps for `N > 1`.
-    - `pipeline.py`, `scheduling_disback.py` and `pipeline_utils_disback.py`: this file and those it imports, for
-      `custom_pipeline=<repo>, trust_remote_code=True`.
-    - `pipeline_img2img.py` and `pipeline_inpaint.py`: the editing pipelines, for
-      `custom_pipeline="pipeline_img2img"` (or `"pipeline_inpaint"`), `trust_remote_code=True`. (Run as remote code
-      itself, this file has no editing siblings to copy and writes the folder without them.)
-    """
-    save_directory = os.fspath(save_directory)
-    index_path = os.path.join(save_directory, "model_index.json")
-    with open(index_path, encoding="utf-8") as f:
-        index = json.load(f)
-    index["_class_name"] = StableDiffusionXLPipeline.__name__
-    # by name too: a DisBackScheduler loaded as remote code is another class object
-    disback_scheduler = (
-        scheduler is None
-        or isinstance(scheduler, DisBackScheduler)
-        or type(scheduler).__name__ == DisBackScheduler.__name__
-    )
-    if disback_scheduler or type(scheduler).__name__ == "LCMScheduler":
-        index["scheduler"] = STOCK_SCHEDULER
-        sched_path = os.path.join(save_directory, "scheduler", "scheduler_config.json")
-        with open(sched_path, encoding="utf-8") as f:
-            sched = json.load(f)
-        # keep only the DisBack keys (a config converted from SDXL's Euler carries keys LCMScheduler warns about);
-        # the conditioning timestep only where it differs from the default both loaders assume
-        keep = set(inspect.signature(DisBackScheduler.__init__).parameters) | {"_diffusers_version"}
-        sched = {k: v for k, v in sched.items() if k in keep}
-        if sched.get("conditioning_timestep") == 399:
-            del sched["conditioning_timestep"]
-        sched["_class_name"] = STOCK_SCHEDULER[1]
-        sched["original_inference_steps"] = sched.get("num_train_timesteps", 1000)
-        _write_json(sched_path, sched)
-    _write_json(index_path, index)
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    shutil.copyfile(os.path.abspath(__file__), os.path.join(save_directory, REMOTE_PIPELINE_FILE))
-    for shared in (REMOTE_SCHEDULER_FILE, REMOTE_UTILS_FILE):
-        shutil.copyfile(os.path.join(here, shared), os.path.join(save_directory, shared))
-    for remote_name, package_name in REMOTE_EDITING_FILES.items():
-        for candidate in (package_name, remote_name):
-            if os.path.isfile(os.path.join(here, candidate)):
-                shutil.copyfile(os.path.join(here, candidate), os.path.join(save_directory, remote_name))
-                break
-        else:
-            logger.info(f"{package_name} is not next to {__file__}: the folder is written without {remote_name}.")
-
-
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)

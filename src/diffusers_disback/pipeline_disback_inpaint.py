@@ -1,8 +1,8 @@
 # Copyright 2026 The diffusers_disback authors. Licensed under the Apache License, Version 2.0.
 #
-# This file is self-contained apart from its siblings `pipeline_utils_disback.py` and `scheduling_disback.py`, so that
-# they can be uploaded next to a model on the Hub (as `pipeline_inpaint.py`, see `write_disback_layout`) and loaded as remote code by people who
-# do not have `diffusers_disback` installed:
+# This file travels as remote code (`pipeline_inpaint.py` of a saved folder / Hub repo, see `write_disback_layout`) with
+# its siblings `pipeline_utils_disback.py` and `scheduling_disback.py`, and imports nothing of `diffusers_disback`
+# but them, so that people who do not have the package installed can load it:
 #     DiffusionPipeline.from_pretrained(repo_id, custom_pipeline="pipeline_inpaint", trust_remote_code=True)
 """DisBackInpaintPipeline: one-step inpainting with an SDXL generator distilled by DisBack (or DMD2)."""
 

@@ -2,16 +2,42 @@
 #
 # Shared by the DisBack pipeline files. It travels with them as remote code (next to `pipeline.py`,
 # `pipeline_img2img.py`, `pipeline_inpaint.py` and `scheduling_disback.py`; see `write_disback_layout`), so it imports
-# nothing of `diffusers_disback` but its sibling `scheduling_disback.py`.
-"""What every DisBack pipeline shares: loading with a `DisBackScheduler`, the execution-device shortcut, and for the
-editing pipelines the strength rule and the steps around diffusers' SDXL img2img / inpaint `__call__`."""
+# nothing of `diffusers_disback` but its sibling `scheduling_disback.py`, and no pipeline: the pipelines import it.
+"""What every DisBack pipeline shares: loading with a `DisBackScheduler`, saving in the DisBack layout, the
+execution-device shortcut, and for the editing pipelines the strength rule and the steps around diffusers' SDXL
+img2img / inpaint `__call__`."""
 
-import importlib
+import inspect
+import json
 import os
+import shutil
 
 import torch
+from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.utils import logging
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+from huggingface_hub import create_repo
 
 from .scheduling_disback import DisBackScheduler, disback_timesteps
+
+logger = logging.get_logger(__name__)
+
+# The files that travel as remote code in a saved pipeline folder / Hub repo: the name in the folder -> the package
+# file. diffusers loads `pipeline.py` for `custom_pipeline=<repo or folder>`, `pipeline_img2img.py` for
+# `custom_pipeline="pipeline_img2img"` (it looks a name up as `<name>.py` in the folder or repo being loaded), and
+# fetches the modules each imports relatively (`from .scheduling_disback import ...`) from the same place.
+REMOTE_FILES = {
+    "pipeline.py": "pipeline_disback.py",
+    "pipeline_img2img.py": "pipeline_disback_img2img.py",
+    "pipeline_inpaint.py": "pipeline_disback_inpaint.py",
+    "pipeline_utils_disback.py": "pipeline_utils_disback.py",
+    "scheduling_disback.py": "scheduling_disback.py",
+}
+# The stock scheduler written into model_index.json. With `original_inference_steps == num_train_timesteps` it
+# samples exactly the DisBack timesteps, so plain `StableDiffusionXLPipeline.from_pretrained` needs no remote code.
+STOCK_SCHEDULER = ["diffusers", "LCMScheduler"]
+# `save_pretrained(push_to_hub=True, ...)` arguments, as in `DiffusionPipeline.save_pretrained`.
+_PUSH_ARGUMENTS = ("repo_id", "commit_message", "private", "create_pr", "token")
 
 
 def disback_editing_timesteps(
@@ -67,7 +93,8 @@ def disback_editing_timesteps(
 
 
 class DisBackMixin:
-    """Loading and the execution device of every DisBack pipeline (put it before the diffusers pipeline class)."""
+    """Loading, saving and the execution device of every DisBack pipeline (put it before the diffusers pipeline
+    class)."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
@@ -82,6 +109,52 @@ class DisBackMixin:
         if not user_scheduler and not isinstance(pipe.scheduler, DisBackScheduler):
             pipe.scheduler = DisBackScheduler.from_config(pipe.scheduler.config)
         return pipe
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ):
+        r"""
+        Saves the pipeline in the DisBack layout (see [`write_disback_layout`]), which plain diffusers can load too.
+        Every DisBack pipeline writes the same folder: an editing pipeline saves its components as the text-to-image
+        folder, from which all three load.
+
+        On top of [`DiffusionPipeline.save_pretrained`]: `model_index.json` names `StableDiffusionXLPipeline` and a
+        stock `LCMScheduler` (configured to sample the DisBack timesteps), and `pipeline.py`, `pipeline_img2img.py`,
+        `pipeline_inpaint.py`, `scheduling_disback.py` and `pipeline_utils_disback.py` are copied into the folder as
+        remote code.
+
+        Args:
+            save_directory (`str` or `os.PathLike`): the folder to write.
+            safe_serialization (`bool`, defaults to `True`): write safetensors.
+            variant (`str`, *optional*): e.g. `"fp16"` to write `*.fp16.safetensors` weights.
+            push_to_hub (`bool`, defaults to `False`): upload the folder to the Hub afterwards, as diffusers does
+                (`repo_id`, defaulting to the folder's name, `commit_message`, `private`, `create_pr`, `token`),
+                adding diffusers' model card if the folder has none. For the DisBack model card (loading routes,
+                samples, training record) and retries, push with `diffusers_disback.hub.push_pipeline` instead.
+            kwargs: passed to [`DiffusionPipeline.save_pretrained`] (e.g. `max_shard_size`).
+        """
+        hub_only = sorted({"card_data", "sample_prompts"} & set(kwargs))
+        if hub_only:
+            raise TypeError(
+                f"save_pretrained() got {', '.join(hub_only)}: these are arguments of the DisBack model card; use "
+                "`diffusers_disback.hub.push_pipeline(pipe, repo_id, ...)` (or `save_for_hub`) for it."
+            )
+        push = {key: kwargs.pop(key) for key in _PUSH_ARGUMENTS if key in kwargs}
+        DiffusionPipeline.save_pretrained(
+            self._pipeline_to_save(), save_directory, safe_serialization=safe_serialization, variant=variant, **kwargs
+        )
+        write_disback_layout(save_directory, self.scheduler)
+        if push_to_hub:
+            push_disback_folder(self, save_directory, **push)
+
+    def _pipeline_to_save(self):
+        # the pipeline whose folder `save_pretrained` writes
+        return self
 
     @property
     def _execution_device(self):
@@ -113,20 +186,9 @@ class DisBackEditingMixin(DisBackMixin):
             pipe.scheduler = DisBackScheduler.from_config(pipe.scheduler.config)
         return pipe
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
-        r"""
-        Saves the components in the DisBack layout, the folder `DisBackPipeline.save_pretrained` writes (which every
-        DisBack pipeline, plain `StableDiffusionXLPipeline` and the remote code load). Keyword arguments are those of
-        `DisBackPipeline.save_pretrained`. Needs the `diffusers_disback` package.
-        """
-        try:
-            module = importlib.import_module("diffusers_disback.pipeline_disback")
-        except ImportError as e:
-            raise ImportError(
-                "Saving in the DisBack layout needs the `diffusers_disback` package: `pip install diffusers_disback`."
-                " Without it, load the text-to-image remote code (`custom_pipeline=<repo>`) and save that."
-            ) from e
-        module.DisBackPipeline.from_pipe(self, scheduler=self.scheduler).save_pretrained(save_directory, **kwargs)
+    def _pipeline_to_save(self):
+        # the same components, saved as the text-to-image folder that every DisBack pipeline loads from
+        return StableDiffusionXLPipeline.from_pipe(self, scheduler=self.scheduler)
 
     def get_timesteps(self, num_inference_steps, strength, device, denoising_start=None):
         # `__call__` has already chosen the timesteps by the DisBack strength rule and set them on the scheduler:
@@ -174,3 +236,90 @@ class DisBackEditingMixin(DisBackMixin):
         if self.watermark is not None:
             image = self.watermark.apply_watermark(image)
         return self.image_processor.postprocess(image, output_type=output_type)
+
+
+def write_disback_layout(save_directory: str | os.PathLike, scheduler=None) -> None:
+    """
+    Turns a folder written by `DiffusionPipeline.save_pretrained` into the DisBack layout.
+
+    - `model_index.json`: `_class_name` becomes `StableDiffusionXLPipeline`; a DisBack scheduler is recorded as the
+      stock `LCMScheduler`, so no loading route needs remote code unless it asks for it.
+    - `scheduler/scheduler_config.json`: the same class swap, plus `original_inference_steps = num_train_timesteps`
+      so `LCMScheduler(num_inference_steps=N)` samples the DisBack timesteps for `N > 1`.
+    - the remote code ([`REMOTE_FILES`]): `pipeline.py` for `custom_pipeline=<repo>, trust_remote_code=True`,
+      `pipeline_img2img.py` / `pipeline_inpaint.py` for `custom_pipeline="pipeline_img2img"` (`"pipeline_inpaint"`),
+      and the files they import relatively. They are copied from the folder this file lies in: the package, or, run
+      as remote code, the folder diffusers copied the repo's files to (there a file that was not loaded is missing,
+      and the folder is written without it).
+    """
+    save_directory = os.fspath(save_directory)
+    index_path = os.path.join(save_directory, "model_index.json")
+    with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    index["_class_name"] = StableDiffusionXLPipeline.__name__
+    # by name too: a DisBackScheduler loaded as remote code is another class object
+    disback_scheduler = (
+        scheduler is None
+        or isinstance(scheduler, DisBackScheduler)
+        or type(scheduler).__name__ == DisBackScheduler.__name__
+    )
+    if disback_scheduler or type(scheduler).__name__ == "LCMScheduler":
+        index["scheduler"] = STOCK_SCHEDULER
+        sched_path = os.path.join(save_directory, "scheduler", "scheduler_config.json")
+        with open(sched_path, encoding="utf-8") as f:
+            sched = json.load(f)
+        # keep only the DisBack keys (a config converted from SDXL's Euler carries keys LCMScheduler warns about);
+        # the conditioning timestep only where it differs from the default both loaders assume
+        keep = set(inspect.signature(DisBackScheduler.__init__).parameters) | {"_diffusers_version"}
+        sched = {k: v for k, v in sched.items() if k in keep}
+        if sched.get("conditioning_timestep") == 399:
+            del sched["conditioning_timestep"]
+        sched["_class_name"] = STOCK_SCHEDULER[1]
+        sched["original_inference_steps"] = sched.get("num_train_timesteps", 1000)
+        _write_json(sched_path, sched)
+    _write_json(index_path, index)
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    for remote_name, package_name in REMOTE_FILES.items():
+        for candidate in (package_name, remote_name):
+            if os.path.isfile(os.path.join(here, candidate)):
+                shutil.copyfile(os.path.join(here, candidate), os.path.join(save_directory, remote_name))
+                break
+        else:
+            logger.info(f"{package_name} is not next to {__file__}: the folder is written without {remote_name}.")
+
+
+def _write_json(path: str, obj: dict) -> None:
+    # in place, as diffusers' `save_config` wrote the file a moment before: the folder is complete when
+    # `save_pretrained` returns. (The package's atomic writer, `diffusers_disback._io`, does not travel as remote code.)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def push_disback_folder(
+    pipeline,
+    save_directory: str | os.PathLike,
+    repo_id: str | None = None,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    create_pr: bool = False,
+    token: str | None = None,
+) -> str:
+    """What `save_pretrained(push_to_hub=True)` does after writing the folder, as `DiffusionPipeline.save_pretrained`
+    does it: creates the repo if needed, adds diffusers' model card if the folder has none, and uploads the folder in
+    one commit. Returns the commit's URL."""
+    save_directory = os.fspath(save_directory)
+    repo_id = repo_id or os.path.basename(os.path.normpath(save_directory))
+    repo_id = create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
+    card_path = os.path.join(save_directory, "README.md")
+    if not os.path.exists(card_path):
+        populate_model_card(load_or_create_model_card(repo_id, token=token, is_pipeline=True)).save(card_path)
+    info = pipeline._upload_folder(
+        save_directory,
+        repo_id,
+        token=token,
+        commit_message=commit_message or "Upload DisBack pipeline",
+        create_pr=create_pr,
+    )
+    return str(getattr(info, "commit_url", info))
