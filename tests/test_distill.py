@@ -300,6 +300,35 @@ def test_corrupt_missing_and_mismatched_paths_are_errors(tmp_path):
         p.add_node(teacher, 5)
 
 
+def test_stage2_start_hashes_each_node_once_and_a_changed_file_again(tmp_path, monkeypatch):
+    """Opening a path (verify), starting the fake score at the last node and switching to each node hash every node
+    file once; a file replaced after its check is hashed again and refused."""
+    from diffusers_disback.distill import degradation
+
+    teacher = Tiny()
+    path = DegradationPath.create(tmp_path, teacher, kind="full")
+    for step in (1, 2, 3):
+        _perturb(teacher, step)
+        path.add_node(teacher, step)
+    hashed = []
+    real_sha256 = degradation._sha256
+    monkeypatch.setattr(
+        degradation, "_sha256", lambda file: hashed.append(os.path.basename(file)) or real_sha256(file)
+    )
+    loaded = DegradationPath.load(tmp_path)
+    loaded.merged_state_dict(Tiny(), len(loaded) - 1)  # s_phi <- R[0]
+    switcher = NodeSwitcher(loaded, Tiny(), teacher=Tiny())
+    for index in (2, 1, 0):
+        switcher.activate(index)
+    assert sorted(hashed) == ["node_001.safetensors", "node_002.safetensors", "node_003.safetensors"]
+    node3 = tmp_path / "node_003.safetensors"
+    data = node3.read_bytes()
+    node3.write_bytes(data[:-8] + b"\x00" * 8)
+    os.utime(node3, ns=(1, 1))  # a different mtime, as any rewrite gives
+    with pytest.raises(PathError, match="node 3 .* does not match the manifest"):
+        loaded.node_state_dict(3)
+
+
 def _lora_path(tmp_path, teacher, steps=(5, 10, 15)):
     config = LoraConfig(r=2, lora_alpha=2, target_modules=["fc1", "fc2"], init_lora_weights=False)
     degrading = Tiny()

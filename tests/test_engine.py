@@ -1,6 +1,7 @@
 """The training steps written once (`distill.engine`): their update order, and that the SDXL script and the benchmarks
 run the same iteration (equal weights on the same tiny inputs)."""
 
+import argparse
 import copy
 import os
 import subprocess
@@ -87,30 +88,19 @@ def test_optimizer_update_skips_non_finite_and_clips():
     assert update.updates == {"g": 1}
 
 
-def _script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_disback_sdxl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_benchmarks_and_the_sdxl_script_run_the_same_iteration(tmp_path):
     """Stage 2 of the SDXL script (accelerate, fp32) and `benchmarks/common.backtrack` (plain PyTorch), from the same
     path, prompts, noise and settings, end with the same generator weights, bit for bit."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import common
 
+    from diffusers_disback.distill import add_config_arguments
     from diffusers_disback.testing import save_tiny_teacher
-    from diffusers_disback.training import PromptStream, SDXLConditioner, unet_eps_fn
+    from diffusers_disback.training import FrozenSDXL, PromptStream, SDXLConditioner, unet_eps_fn
 
     teacher_dir = save_tiny_teacher(str(tmp_path / "teacher"))
-    script = _script()
-    args = script.parse_args(["--pretrained_teacher_model", teacher_dir, "--train_data_files", PROMPTS])
-    tok, tok2, te, te2, teacher, scheduler = script.load_frozen_components(args, torch.float32)
-    noise_schedule = NoiseSchedule.from_scheduler(scheduler)
+    frozen = FrozenSDXL.from_pretrained(teacher_dir, 64)
+    teacher, noise_schedule = frozen.teacher, frozen.noise_schedule
     # a one-node path: the teacher nudged, so that the first target is not the teacher
     path = DegradationPath.create(tmp_path / "path", teacher)
     node = copy.deepcopy(teacher)
@@ -133,8 +123,10 @@ def test_the_benchmarks_and_the_sdxl_script_run_the_same_iteration(tmp_path):
     script_weights = load_file(os.path.join(out, "final", "unet", "diffusion_pytorch_model.safetensors"))
 
     # the same run through the benchmarks' loop: the script's data order and noise, the same settings
-    config = DisBackConfig.from_dict(vars(script.parse_args([*args_base(teacher_dir), *settings])), strict=False)
-    conditioner = SDXLConditioner(tok, tok2, te, te2, 64)
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)  # the script's DisBack flags
+    config = DisBackConfig.from_dict(vars(parser.parse_args(settings)))
+    conditioner = frozen.conditioner
     prompts = PromptStream(data_files=PROMPTS, shuffle_buffer=4, seed=0)
     rng = torch.Generator().manual_seed(0)
 
@@ -142,8 +134,8 @@ def test_the_benchmarks_and_the_sdxl_script_run_the_same_iteration(tmp_path):
         cond = conditioner(prompts.take(2), "cpu")
         return cond, torch.randn((2, 4, 8, 8), generator=rng)
 
-    generator = script.load_initial_generator(args, teacher).requires_grad_(True).train()
-    fake = script.teacher_unet_fp32(args)
+    generator = frozen.load_generator(None).requires_grad_(True).train()
+    fake = frozen.load_unet_fp32()
     fake.load_state_dict(path.merged_state_dict(fake, 1))
     generator_eps = unet_eps_fn(generator)
     common.backtrack(
@@ -163,7 +155,3 @@ def test_the_benchmarks_and_the_sdxl_script_run_the_same_iteration(tmp_path):
     assert any(not torch.equal(trained[k], teacher.state_dict()[k]) for k in trained)  # it trained
     for k, v in trained.items():
         torch.testing.assert_close(script_weights[k], v, rtol=0, atol=0, msg=k)
-
-
-def args_base(teacher_dir):
-    return ["--pretrained_teacher_model", teacher_dir, "--train_data_files", PROMPTS]

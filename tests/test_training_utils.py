@@ -1,7 +1,9 @@
-"""The training glue in-process: prompt stream, conditioning, run state, background pushes, the script's arguments."""
+"""The training glue in-process: prompt stream, conditioning, run state, background pushes; the script's arguments
+through its command line."""
 
-import importlib.util
 import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -13,9 +15,12 @@ from diffusers_disback.training import (
     SDXL_LORA_TARGETS,
     BackgroundPusher,
     EmptyStreamError,
+    FrozenSDXL,
+    ImageStream,
     PromptStream,
     RunState,
     SDXLConditioner,
+    finite_or_skip,
     plan_resume,
     prepare_trainable,
     save_checkpoint,
@@ -25,14 +30,13 @@ from diffusers_disback.training import (
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location(
-        "train_disback_sdxl", os.path.join(ROOT, "examples", "train_disback", "train_disback_sdxl.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the script's annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+SCRIPT = os.path.join(ROOT, "examples", "train_disback", "train_disback_sdxl.py")
+
+
+def _script(*argv: str) -> subprocess.CompletedProcess:
+    """The training script run as a program (it is not a library)."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True, timeout=300, env=env)
 
 
 def _prompts(tmp_path, lines):
@@ -134,21 +138,27 @@ def test_background_pusher_snapshots_and_survives_failures(hub_server, tmp_path)
         (["--min_step_percent", "0.9", "--max_step_percent", "0.1"], "min_step_percent"),
     ],
 )
-def test_script_argument_errors(extra, message, capsys):
-    script = _script()
-    base = ["--pretrained_teacher_model", "x", "--train_data_files", "p.txt"]
-    with pytest.raises(SystemExit):
-        script.parse_args(base + extra)
-    assert message in capsys.readouterr().err
+def test_script_argument_errors(extra, message):
+    proc = _script("--pretrained_teacher_model", "x", "--train_data_files", "p.txt", *extra)
+    assert proc.returncode == 2 and message in proc.stderr
 
 
 def test_script_defaults_are_the_reference_hyperparameters():
-    args = _script().parse_args(["--pretrained_teacher_model", "x", "--train_data_files", "p.txt"])
-    assert (args.learning_rate, args.guidance_scale, args.conditioning_timestep) == (5e-7, 8.0, 399)
-    assert (args.degradation_steps, args.path_interval, args.backtrack_interval) == (1000, 100, 1000)
-    assert (args.fake_score_update_ratio, args.max_grad_norm, args.lr_warmup_steps) == (5, 10.0, 500)
-    assert (args.adam_weight_decay, args.resolution, args.train_batch_size) == (0.01, 1024, 1)
-    assert (args.min_step_percent, args.max_step_percent) == (0.02, 0.98)
+    config = DisBackConfig()  # the script's flags take their defaults from it
+    assert (config.learning_rate, config.guidance_scale, config.conditioning_timestep) == (5e-7, 8.0, 399)
+    assert (config.degradation_steps, config.path_interval, config.backtrack_interval) == (1000, 100, 1000)
+    assert (config.fake_score_update_ratio, config.max_grad_norm, config.lr_warmup_steps) == (5, 10.0, 500)
+    assert (config.adam_weight_decay, config.train_batch_size) == (0.01, 1)
+    assert (config.min_step_percent, config.max_step_percent) == (0.02, 0.98)
+    proc = _script("--help")
+    assert proc.returncode == 0
+    help_text = " ".join(proc.stdout.split())  # --help names every default
+    for flag, default in (("--resolution RESOLUTION", "1024"), ("--learning_rate LEARNING_RATE", "5e-07"),
+                          ("--backtrack_interval BACKTRACK_INTERVAL", "1000"), ("--method", "disback")):  # fmt: skip
+        # the flag, its help text, then its own default (the first "(default: ...)" after it)
+        assert re.search(
+            re.escape(flag) + r" (?:(?!\(default: ).)*\(default: " + re.escape(default) + r"\)", help_text
+        )
 
 
 def test_nan_policy():
@@ -157,16 +167,11 @@ def test_nan_policy():
     from accelerate import PartialState
 
     PartialState()  # accelerate's logger needs the process state
-    script = _script()
     single_process = types.SimpleNamespace(gather=lambda t: t, process_index=0)
-    run = types.SimpleNamespace(
-        args=types.SimpleNamespace(nan_policy="abort"), state=RunState(global_step=12), accelerator=single_process
-    )
-    assert script.Run.finite_or_skip(run, torch.tensor(1.0), "generator DM") is True
+    assert finite_or_skip(single_process, torch.tensor(1.0), "generator DM", "abort", 12) is True
     with pytest.raises(FloatingPointError, match="generator DM loss is nan on rank 0 .* at global step 12"):
-        script.Run.finite_or_skip(run, torch.tensor(float("nan")), "generator DM")
-    run.args.nan_policy = "skip"
-    assert script.Run.finite_or_skip(run, torch.tensor(float("inf")), "fake-score DSM") is False
+        finite_or_skip(single_process, torch.tensor(float("nan")), "generator DM", "abort", 12)
+    assert finite_or_skip(single_process, torch.tensor(float("inf")), "fake-score DSM", "skip", 12) is False
 
 
 def _image_folder(tmp_path, n=5, corrupt=True, captions=True):
@@ -207,29 +212,29 @@ def test_real_images_are_encoded_with_their_own_captions(tmp_path, caplog):
     """The GAN term's real images carry their captions by default, as the fakes carry their prompts (DMD2 pairs real
     latents with their captions); a dataset without the caption column is an error unless the empty prompt is asked
     for, which is warned about."""
-    script = _script()
-    base = ["--pretrained_teacher_model", "unused", "--train_data_files", "p.txt", "--gan_loss_weight", "5e-3"]
     captioned = _image_folder(tmp_path, corrupt=False)
-    args = script.parse_args([*base, "--real_data_dir", str(captioned), "--resolution", "64", "--shuffle_buffer", "0"])
-    assert args.real_caption_column == "text"
-    assert [caption for _, caption in script.real_image_stream(args).take(5)] == [
-        f"a photo of image {i}" for i in range(5)
-    ]
+    stream = ImageStream(64, data_dir=str(captioned), caption_column="text", shuffle_buffer=0)
+    assert [caption for _, caption in stream.take(5)] == [f"a photo of image {i}" for i in range(5)]
 
     (tmp_path / "bare").mkdir()
     bare = _image_folder(tmp_path / "bare", corrupt=False, captions=False)
-    args = script.parse_args([*base, "--real_data_dir", str(bare), "--resolution", "64"])
     with pytest.raises(
         ValueError, match=r"no caption column 'text'; its columns are \['image'\].*--real_caption_column"
     ):
-        script.real_image_stream(args)
-    args = script.parse_args(
-        [*base, "--real_data_dir", str(bare), "--resolution", "64", "--real_caption_column", "none"]
-    )
+        ImageStream(64, data_dir=str(bare), caption_column="text")
     with caplog.at_level("WARNING"):
-        stream = script.real_image_stream(args)
+        stream = ImageStream(64, data_dir=str(bare), caption_column=None)
     assert "discriminator can tell them apart by the text alone" in caplog.text
     assert {caption for _, caption in stream.take(5)} == {""}
+    # the script's flag: the `text` captions by default (here missing: an error before any training)
+    from diffusers_disback.testing import save_tiny_teacher
+
+    teacher = save_tiny_teacher(str(tmp_path / "teacher"))
+    prompts = _prompts(tmp_path, ["a prompt"])
+    proc = _script("--pretrained_teacher_model", teacher, "--train_data_files", prompts, "--gan_loss_weight", "5e-3",
+                   "--real_data_dir", str(bare), "--resolution", "64", "--report_to", "none", "--output_dir",
+                   str(tmp_path / "run"))  # fmt: skip
+    assert proc.returncode != 0 and "no caption column 'text'" in proc.stderr
 
 
 def test_failed_checkpoint_write_stops_the_run_and_keeps_the_last_good_one(tmp_path):
@@ -372,12 +377,11 @@ def test_prepared_models_carry_no_hidden_autocast():
 def test_text_encoders_stay_fp32_and_the_teacher_takes_the_mixed_precision_dtype(tmp_path):
     from diffusers_disback.testing import save_tiny_teacher
 
-    script = _script()
-    teacher = save_tiny_teacher(str(tmp_path / "teacher"))
-    args = script.parse_args(["--pretrained_teacher_model", teacher, "--train_data_files", "p.txt"])
-    _, _, te, te2, unet, _ = script.load_frozen_components(args, torch.bfloat16)
-    assert {p.dtype for m in (te, te2) for p in m.parameters()} == {torch.float32}  # as DMD2's text encoders
-    assert {p.dtype for p in unet.parameters()} == {torch.bfloat16}
+    frozen = FrozenSDXL.from_pretrained(save_tiny_teacher(str(tmp_path / "teacher")), 64, torch.bfloat16)
+    encoders = (frozen.text_encoder, frozen.text_encoder_2)
+    assert {p.dtype for m in encoders for p in m.parameters()} == {torch.float32}  # as DMD2's text encoders
+    assert {p.dtype for p in frozen.teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in frozen.load_generator(None).parameters()} == {torch.float32}
 
 
 @pytest.mark.parametrize(("size", "strides"), [(32, [2, 2, 2, 4, 1]), (4, [4, 1]), (24, [2, 2, 2, 3, 1])])
@@ -429,7 +433,7 @@ def test_resume_plan_reads_the_checkpoint_once_and_never_changes(tmp_path):
     state.stage, state.stage_step = "backtracking", 0
     assert plan.state.stage == "degradation" and not plan.resumes("backtracking")
 
-    checkpoint(4, {"stage": "backtracking", "stage_step": 0, "global_step": 4, "schedule": {}})  # older key name
+    checkpoint(4, {"stage": "backtracking", "stage_step": 0, "global_step": 4, "backtracking": {}})
     plan = plan_resume("latest", str(tmp_path))
     assert plan.stages == ("backtracking",) and plan.resumes("backtracking")
     assert not plan.restores_models("backtracking")  # stage-1 models in it: stage 2 starts its own

@@ -35,9 +35,8 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from diffusers_disback import DisBackPipeline, DisBackScheduler, load_unet_checkpoint
+from diffusers_disback import DisBackPipeline, DisBackScheduler
 from diffusers_disback.distill import (
     FAKE_SCORE_ADAPTER,
     GENERATOR_ADAPTER,
@@ -49,7 +48,6 @@ from diffusers_disback.distill import (
     DisBackConfig,
     MethodPlan,
     NodeSwitcher,
-    NoiseSchedule,
     OptimizerUpdate,
     Score,
     add_config_arguments,
@@ -70,6 +68,7 @@ from diffusers_disback.training import (
     SDXL_LORA_TARGETS,
     BackgroundPusher,
     FakeScoreWithHead,
+    FrozenSDXL,
     ImageStream,
     PromptStream,
     ResumePlan,
@@ -77,7 +76,9 @@ from diffusers_disback.training import (
     SDXLConditioner,
     SDXLGanTerm,
     clip_grad_norm,
+    finite_or_skip,
     full_state_dict,
+    load_path_verified_once,
     plan_resume,
     prepare_trainable,
     restore_checkpoint,
@@ -96,7 +97,10 @@ warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The script's own flags, then one flag per method setting (`DisBackConfig`); `args.config` holds the latter."""
-    p = argparse.ArgumentParser(description="DisBack: distribution backtracking distillation of SDXL (both stages).")
+    p = argparse.ArgumentParser(
+        description="DisBack: distribution backtracking distillation of SDXL (both stages).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     # models
     p.add_argument("--pretrained_teacher_model", required=True, help="SDXL teacher: Hub repo id or local folder")
     p.add_argument("--revision", default=None)
@@ -125,7 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "discriminator can then tell real from fake by the text)",
     )
     # precision and speed
-    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--resolution", type=int, default=1024, help="training and validation image size (divisible by 8)")
     p.add_argument(
         "--mixed_precision",
         choices=["no", "fp16", "bf16"],
@@ -188,13 +192,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_fid_resolution", type=int, default=None, help="default: min(512, --resolution)")
     p.add_argument(
         "--eval_feature_extractor",
-        choices=["inception", "tiny"],
         default="inception",
-        help="inception: clean-fid's (needs the eval extra); tiny: a random stand-in for offline tests",
+        help="the FID network: inception (clean-fid's; needs the eval extra) or a TorchScript file mapping float32 "
+        "[N, 3, 299, 299] in [0, 255] to features (docs/evaluation.md)",
     )
-    p.add_argument(
-        "--eval_clip_model", default=None, help="open_clip model for a CLIP score, e.g. ViT-g-14 ('tiny' in tests)"
-    )
+    p.add_argument("--eval_clip_model", default=None, help="open_clip model for a CLIP score, e.g. ViT-g-14")
     p.add_argument("--eval_clip_pretrained", default="laion2b_s12b_b42k")
     p.add_argument("--eval_stats_cache", default=None, help="reference statistics cache (default: output_dir/eval)")
     # hub
@@ -203,7 +205,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hub_token", default=None, help="default: the logged-in token (never logged or saved)")
     p.add_argument("--hub_private", action="store_true")
     p.add_argument(
-        "--hub_space_id", default=None, help="after the final push, also push a Gradio demo Space of the model"
+        "--hub_space_id", default=None, help="after the final push, also push the model's web app as a Gradio Space"
     )
     p.add_argument("--hub_push_every", type=int, default=0, help="also push every N-th checkpoint (0: never)")
     add_config_arguments(p)
@@ -213,6 +215,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give exactly one of --dataset_name and --train_data_files")
     if args.eval_steps and not args.eval_dataset:
         p.error("--eval_steps needs --eval_dataset (captioned reference images)")
+    if args.eval_feature_extractor != "inception" and not os.path.isfile(args.eval_feature_extractor):
+        p.error(f"--eval_feature_extractor {args.eval_feature_extractor}: neither 'inception' nor a TorchScript file")
     for flag, on in (("--gan_loss_weight", args.gan_loss_weight > 0), ("--degradation_gan", args.degradation_gan)):
         if on and (args.real_dataset_name is None) == (args.real_data_dir is None):
             p.error(f"{flag} needs real images: exactly one of --real_dataset_name and --real_data_dir")
@@ -274,78 +278,13 @@ def weight_dtype_of(accelerator) -> torch.dtype:
 # --------------------------------------------------------------------------------------------- 3. frozen models
 
 
-@dataclass
-class FrozenModels:
-    """The teacher's parts that never train: held in the compute dtype (text encoders in fp32, one pass per batch,
-    as in DMD2), so autocast casts none of their weights on any call."""
-
-    tokenizer: CLIPTokenizer
-    tokenizer_2: CLIPTokenizer
-    text_encoder: CLIPTextModel
-    text_encoder_2: CLIPTextModelWithProjection
-    teacher: UNet2DConditionModel
-    scheduler_config: dict
-    noise_schedule: NoiseSchedule
-    conditioner: SDXLConditioner
-    vae: AutoencoderKL | None = None
-
-
-def load_frozen_components(args, weight_dtype):
-    path, rev, var = args.pretrained_teacher_model, args.revision, args.variant
-    tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=rev)
-    tok2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", revision=rev)
-    te = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", revision=rev, variant=var)
-    te2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", revision=rev, variant=var)
-    teacher = UNet2DConditionModel.from_pretrained(path, subfolder="unet", revision=rev, variant=var)
-    scheduler = DisBackScheduler.from_pretrained(path, subfolder="scheduler", revision=rev)
-    for m in (te, te2, teacher):
-        m.requires_grad_(False).eval()
-    return tok, tok2, te.to(torch.float32), te2.to(torch.float32), teacher.to(weight_dtype), scheduler
-
-
-def load_frozen_models(args, accelerator, weight_dtype) -> FrozenModels:
-    tok, tok2, te, te2, teacher, scheduler = load_frozen_components(args, weight_dtype)
-    device = accelerator.device
-    te, te2, teacher = te.to(device), te2.to(device), teacher.to(device)
-    conditioner = SDXLConditioner(tok, tok2, te, te2, args.resolution)
-    frozen = FrozenModels(
-        tok, tok2, te, te2, teacher, scheduler.config, NoiseSchedule.from_scheduler(scheduler), conditioner
+def load_frozen_models(args, accelerator, weight_dtype) -> FrozenSDXL:
+    frozen = FrozenSDXL.from_pretrained(
+        args.pretrained_teacher_model, args.resolution, weight_dtype, accelerator.device, args.revision, args.variant
     )
     if args.gan_loss_weight > 0 or args.degradation_gan:
-        load_vae(args, frozen, accelerator, weight_dtype)
+        frozen.load_vae(accelerator.device, weight_dtype)
     return frozen
-
-
-def load_vae(args, frozen: FrozenModels, accelerator, weight_dtype) -> AutoencoderKL:
-    """The teacher's VAE, loaded once (real-image encoding and validation share it); bf16 or fp32, since SDXL's VAE
-    overflows in fp16."""
-    if frozen.vae is None:
-        dtype = torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32
-        vae = AutoencoderKL.from_pretrained(args.pretrained_teacher_model, subfolder="vae", revision=args.revision)
-        frozen.vae = vae.to(accelerator.device, dtype).requires_grad_(False)
-    return frozen.vae
-
-
-def teacher_unet_fp32(args) -> UNet2DConditionModel:
-    """The teacher's UNet read again in fp32: trainable copies start from its exact weights, not the frozen teacher's
-    bf16/fp16 rounding."""
-    return UNet2DConditionModel.from_pretrained(
-        args.pretrained_teacher_model, subfolder="unet", revision=args.revision, variant=args.variant
-    ).to(torch.float32)
-
-
-def load_initial_generator(args, teacher: UNet2DConditionModel) -> UNet2DConditionModel:
-    """The generator's starting point in fp32: the teacher, a diffusers UNet, or a raw checkpoint (strictly; a local
-    file or `owner/repo/file.bin` on the Hub)."""
-    src = args.pretrained_generator
-    if src is None:
-        gen = teacher_unet_fp32(args)
-    elif os.path.isfile(src) or src.endswith((".bin", ".pt", ".pth", ".ckpt", ".safetensors")):
-        gen = load_unet_checkpoint(src, config=teacher.config)
-    else:
-        sub = "unet" if os.path.isdir(os.path.join(src, "unet")) else None
-        gen = UNet2DConditionModel.from_pretrained(src, subfolder=sub)
-    return gen.to(torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------------- 4. data
@@ -355,7 +294,7 @@ class Batches:
     """This rank's training batches: prompts (conditioning) with the generator's input noise, and real images for the
     GAN term, both from resumable streams; `rng` is the training noise (also of the losses)."""
 
-    def __init__(self, args, accelerator, frozen: FrozenModels):
+    def __init__(self, args, accelerator, frozen: FrozenSDXL):
         self.args, self.accelerator, self.frozen = args, accelerator, frozen
         rank, world = accelerator.process_index, accelerator.num_processes
         self.prompts = PromptStream(
@@ -411,7 +350,7 @@ class Run:
     args: argparse.Namespace
     accelerator: Accelerator
     weight_dtype: torch.dtype
-    frozen: FrozenModels
+    frozen: FrozenSDXL
     batches: Batches
     state: RunState = field(default_factory=RunState)
     pusher: BackgroundPusher | None = None
@@ -435,21 +374,6 @@ class Run:
         t_c = self.config.conditioning_timestep
         return lambda z, cond: one_step_sample(eps, z, cond, self.frozen.noise_schedule, t_c)
 
-    def finite_or_skip(self, loss: torch.Tensor, what: str) -> bool:
-        """Whether to apply this update. Decided together by all ranks (a rank that skipped backward alone would
-        leave the others waiting in the gradient all-reduce)."""
-        finite = torch.isfinite(loss.detach()).float().reshape(1)
-        if bool(self.accelerator.gather(finite).min() > 0):
-            return True
-        msg = (
-            f"{what} loss is {loss.item()} on rank {self.accelerator.process_index} (or another rank) at global "
-            f"step {self.state.global_step}"
-        )
-        if self.args.nan_policy == "abort":
-            raise FloatingPointError(msg + "; stopping (--nan_policy abort). Lower the learning rate or check data.")
-        logger.warning(msg + "; skipping this update (--nan_policy skip)")
-        return False
-
     def update_fn(self, models: dict, optimizers: dict, params: dict) -> OptimizerUpdate:
         """The training steps' `update(name, loss)`: accelerate's backward, clipping that works under FSDP2, NaN
         policy decided by all ranks."""
@@ -460,7 +384,7 @@ class Run:
             self.config.max_grad_norm,
             backward=acc.backward,
             clip=lambda name, _, max_norm: clip_grad_norm(acc, models[name], optimizers[name], max_norm),
-            finite=lambda name, loss: self.finite_or_skip(loss, name),
+            finite=lambda name, loss: finite_or_skip(acc, loss, name, self.args.nan_policy, self.state.global_step),
         )
 
     def save_checkpoint(self) -> None:
@@ -494,20 +418,20 @@ class Run:
             for failure in self.pusher.failures:
                 logger.error(f"a Hub push failed (local files are intact): {failure}")
             if self.args.hub_space_id and os.path.isdir(os.path.join(self.args.output_dir, "final")):
-                push_demo_space(self.args)
+                push_app_space(self.args)
         self.accelerator.end_training()
 
 
-def push_demo_space(args) -> None:
-    """The web demo of the pushed model as a Space (`--hub_space_id`; docs/demo.md). A failure is logged, not raised:
+def push_app_space(args) -> None:
+    """The web app of the pushed model as a Space (`--hub_space_id`; docs/app.md). A failure is logged, not raised:
     the model is on the Hub and `disback push --space` can make the Space later."""
     from diffusers_disback.hub import HubPushError, push_space
 
     try:
         url = push_space(args.hub_model_id, args.hub_space_id, private=args.hub_private or None, token=args.hub_token)
-        logger.info(f"demo Space pushed: {url}")
+        logger.info(f"app Space pushed: {url}")
     except HubPushError as e:
-        logger.error(f"the demo Space push failed (the model is pushed; retry with disback push --space): {e}")
+        logger.error(f"the app Space push failed (the model is pushed; retry with disback push --space): {e}")
 
 
 def make_run(args, accelerator) -> Run:
@@ -544,7 +468,7 @@ def gan_term(run: Run, score, generator_weight: float = 0.0) -> SDXLGanTerm:
 @torch.no_grad()
 def decode(run: Run, x0: torch.Tensor) -> torch.Tensor:
     """Latents to images in [0, 1] (NCHW, fp32) with the teacher's VAE."""
-    vae = load_vae(run.args, run.frozen, run.accelerator, run.weight_dtype)
+    vae = run.frozen.load_vae(run.accelerator.device, run.weight_dtype)
     return vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample.float().clamp(-1, 1).add(1).div(2)
 
 
@@ -584,57 +508,39 @@ def validate(run: Run, generator_unet, step: int) -> None:
 
 
 def setup_evaluation(run: Run) -> dict:
-    """Captions on every rank (each runs the possibly sharded generator); extractor, CLIP and the reference
-    statistics (computed once, cached) on the main process."""
+    """Captions on every rank (each runs the possibly sharded generator); the evaluation package's [`Scorer`] (the
+    feature network, the reference statistics computed once and cached, CLIP, or the shapes judge) on the main
+    process."""
     from diffusers_disback.evaluation import (
         CaptionSet,
-        ReferenceStatistics,
-        extractor_id,
-        fid_transform,
-        fid_transform_name,
-        reference_stats_key,
+        EvalProtocol,
+        ReferenceImages,
+        Scorer,
+        get_protocol,
+        load_feature_extractor,
     )
 
     args, acc = run.args, run.accelerator
     if args.eval_dataset == "shapes":
-        captions = CaptionSet.from_shapes()
+        captions, protocol = CaptionSet.from_shapes(), get_protocol("shapes")
     else:
         captions = CaptionSet.from_dataset(args.eval_dataset, args.eval_dataset_split, args.eval_num_prompts)
+        protocol = EvalProtocol(
+            name="in-training", num_prompts=len(captions), resolution=args.resolution,
+            fid_resolution=args.eval_fid_resolution or min(512, args.resolution), patch_fid=False,
+            clip_model=args.eval_clip_model, clip_pretrained=args.eval_clip_pretrained,
+        )  # fmt: skip
     setup = {"captions": captions.captions}
     if not acc.is_main_process:
         return setup
-    if args.eval_dataset == "shapes":
-        from diffusers_disback.evaluation import default_judge
-
-        return {**setup, "judge": default_judge(acc.device), "reference": list(captions.images())}
-    if args.eval_feature_extractor == "tiny":
-        from diffusers_disback.testing import TinyFeatureExtractor
-
-        extractor = TinyFeatureExtractor().to(acc.device)
-    else:
-        from diffusers_disback.evaluation import inception_feature_extractor
-
-        extractor = inception_feature_extractor(acc.device)
-    fid_resolution = args.eval_fid_resolution or min(512, args.resolution)
-    transform = fid_transform(fid_resolution)
-    # the key evaluate() uses for this reference set, transform and network
-    key = reference_stats_key(captions.fingerprint, fid_transform_name(fid_resolution), extractor_id(extractor))
-    stats, _ = ReferenceStatistics.get_or_compute(
-        args.eval_stats_cache or os.path.join(args.output_dir, "eval"), key, captions.images, extractor,
-        transform, device=acc.device, total=len(captions), metadata={"source": captions.source},
+    extractor = None if protocol.name == "shapes" else load_feature_extractor(args.eval_feature_extractor, acc.device)
+    # a CLIP model is kept on the CPU between evaluations: ViT-g-14 is ~5.5 GB in fp32, on rank 0's training GPU
+    scorer = Scorer(
+        protocol, reference=ReferenceImages.from_caption_set(captions), feature_extractor=extractor,
+        stats_cache=args.eval_stats_cache or os.path.join(args.output_dir, "eval"), device=acc.device,
+        clip_device="cpu",
     )  # fmt: skip
-    scorer = None
-    if args.eval_clip_model == "tiny":
-        from diffusers_disback.testing import get_tiny_clip_scorer
-
-        scorer = get_tiny_clip_scorer()
-    elif args.eval_clip_model:
-        from diffusers_disback.evaluation import ClipScorer
-
-        # kept on the CPU between evaluations: ViT-g-14 is ~5.5 GB in fp32, on rank 0's training GPU otherwise
-        scorer = ClipScorer.from_open_clip(args.eval_clip_model, args.eval_clip_pretrained, "cpu")
-    setup.update(extractor=extractor, transform=transform, stats=stats, scorer=scorer)
-    return setup
+    return {**setup, "scorer": scorer}
 
 
 def start_evaluation(run: Run, generator_unet) -> dict | None:
@@ -653,8 +559,6 @@ def evaluate(run: Run, setup: dict, generator_unet, step: int) -> None:
     """FID (and CLIP score) of one-step samples for the eval captions, fixed seeds (`seed + i`), logged as
     `eval/fid` and `eval/clip_score` (with `--eval_dataset shapes`: `eval/shapes_accuracy`, per attribute, and
     `eval/shapes_fd` to renders) and appended to `OUTPUT_DIR/eval/metrics.jsonl` with the stage-2 seconds so far."""
-    from diffusers_disback.evaluation import fid_against
-
     acc, args = run.accelerator, run.args
     began = time.perf_counter()
     captions, images, generate = setup["captions"], [], run.generate_fn(generator_unet)
@@ -672,21 +576,7 @@ def evaluate(run: Run, setup: dict, generator_unet, step: int) -> None:
             images += to_pil(decode(run, x0))
     if not acc.is_main_process:
         return
-    if "judge" in setup:
-        from diffusers_disback.evaluation import shapes_metrics
-
-        logs = {
-            f"eval/{k}": v for k, v in shapes_metrics(images, captions, setup["reference"], setup["judge"]).items()
-        }
-    else:
-        fid = fid_against(
-            setup["stats"], lambda: iter(images), setup["extractor"], setup["transform"], device=acc.device
-        )
-        logs = {"eval/fid": fid}
-        if setup["scorer"] is not None:
-            scorer = setup["scorer"].to(acc.device)
-            logs["eval/clip_score"] = scorer.score(images, captions)
-            scorer.to("cpu")
+    logs = {f"eval/{k}": v for k, v in setup["scorer"](lambda: iter(images), captions).items()}
     run.log(logs, step)
     record = {"step": step, "stage_step": run.state.stage_step, "stage2_seconds": run.stage2_seconds(), **logs}
     os.makedirs(os.path.join(args.output_dir, "eval"), exist_ok=True)
@@ -750,9 +640,11 @@ def add_path_node(run: Run, path: DegradationPath | None, degrading, step: int) 
 def run_degradation(run: Run, plan: ResumePlan) -> None:
     """Stage 1: fine-tune a copy of the teacher on the frozen initial generator's samples; record the path."""
     args, config, acc = run.args, run.config, run.accelerator
-    generator = load_initial_generator(args, run.frozen.teacher).to(acc.device, run.weight_dtype).requires_grad_(False)
+    generator = (
+        run.frozen.load_generator(args.pretrained_generator).to(acc.device, run.weight_dtype).requires_grad_(False)
+    )
     rank = config.path_lora_rank if config.path_node_type == "lora" else 0
-    degrading, params = trainable_unet(run, teacher_unet_fp32(args), rank, LORA_ADAPTER, config.degradation_gan)
+    degrading, params = trainable_unet(run, run.frozen.load_unet_fp32(), rank, LORA_ADAPTER, config.degradation_gan)
     optimizer = make_optimizer(params, config.degradation_learning_rate, config)
     lr_scheduler = make_lr_scheduler(optimizer, config, config.degradation_steps, acc.num_processes)
     degrading, optimizer, lr_scheduler = prepare_trainable(acc, degrading, optimizer, lr_scheduler)
@@ -829,7 +721,7 @@ def run_backtracking(run: Run, plan: ResumePlan) -> tuple[torch.nn.Module, Degra
     the trained generator (prepared) and the path."""
     args, config, acc = run.args, run.config, run.accelerator
     if MethodPlan.uses_path(config.method):
-        path = DegradationPath.load(args.path_dir)
+        path = load_path_verified_once(acc, args.path_dir)
     else:  # a path of the teacher alone: nothing is read or written
         path = DegradationPath.create(tempfile.mkdtemp(prefix="disback-dmd-"), run.frozen.teacher)
     method = MethodPlan.of(config.method, len(path), config.fake_score_init)
@@ -837,9 +729,9 @@ def run_backtracking(run: Run, plan: ResumePlan) -> tuple[torch.nn.Module, Degra
         warn_if_short(config, path)
     gan = config.gan_loss_weight > 0
     generator, params_g = trainable_unet(
-        run, load_initial_generator(args, run.frozen.teacher), config.lora_rank, GENERATOR_ADAPTER, False
+        run, run.frozen.load_generator(args.pretrained_generator), config.lora_rank, GENERATOR_ADAPTER, False
     )
-    fake = teacher_unet_fp32(args)
+    fake = run.frozen.load_unet_fp32()
     if method.fake_score_node is not None:  # s_phi <- R[0]
         fake.load_state_dict(path.merged_state_dict(fake, method.fake_score_node))
     fake, params_f = trainable_unet(run, fake, config.lora_rank, FAKE_SCORE_ADAPTER, gan)
@@ -931,7 +823,7 @@ def final_unet_state(run: Run, generator) -> tuple[dict[str, torch.Tensor], dict
     adapter = {}
     if run.accelerator.is_main_process and run.config.lora_rank:
         adapter = {k: v for k, v in state.items() if "lora_" in k}
-        base = load_initial_generator(run.args, run.frozen.teacher).state_dict()
+        base = run.frozen.load_generator(run.args.pretrained_generator).state_dict()
         state = merge_lora({**base, **adapter}, GENERATOR_ADAPTER)  # lora_alpha = r: scaling 1
     return state, adapter
 

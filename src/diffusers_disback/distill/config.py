@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from .backtracking import METHODS
 
 
-def _setting(default, help: str, choices: tuple | None = None, aliases: tuple[str, ...] = ()):
-    return field(default=default, metadata={"help": help, "choices": choices, "aliases": aliases})
+def _setting(default, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
@@ -175,22 +175,18 @@ def _field_type(f: dataclasses.Field) -> type:
     return hint
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_class=DisBackConfig, defaults: dict | None = None):
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """
-    Adds one `--<field>` flag per setting of `config_class` to `parser`, with the field's type, default, choices and
-    help; booleans are `store_true` flags. `defaults` overrides field defaults (e.g. a script's own). Deprecated
-    spellings in a field's `aliases` are accepted too.
+    Adds one `--<field>` flag per setting of [`DisBackConfig`] to `parser`, with the field's type, default, choices
+    and help; booleans are `store_true` flags.
     """
     group = parser.add_argument_group("DisBack settings (diffusers_disback.distill.DisBackConfig)")
-    for f in dataclasses.fields(config_class):
-        default = (defaults or {}).get(f.name, f.default)
-        flags = [f"--{f.name}", *(f"--{a}" for a in f.metadata.get("aliases", ()))]
-        kind = _field_type(f)
-        help_text = f.metadata.get("help", "")
+    for f in dataclasses.fields(DisBackConfig):
+        kind, help_text = _field_type(f), f.metadata.get("help", "")
         if kind is bool:
-            group.add_argument(*flags, dest=f.name, action="store_true", default=default, help=help_text)
+            group.add_argument(f"--{f.name}", action="store_true", default=f.default, help=help_text)
             continue
         group.add_argument(
-            *flags, dest=f.name, type=kind, default=default, choices=f.metadata.get("choices"), help=help_text
+            f"--{f.name}", type=kind, default=f.default, choices=f.metadata.get("choices"), help=help_text
         )
     return group

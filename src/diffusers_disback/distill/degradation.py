@@ -68,6 +68,8 @@ class DegradationPath:
     architecture: dict
     nodes: list[PathNode] = field(default_factory=list)
     lora_config: dict | None = None
+    # node index -> (size, mtime) of its file when its sha256 was last checked: each node is hashed once
+    _verified: dict[int, tuple[int, int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------------------------------------------ writing
 
@@ -182,16 +184,31 @@ class DegradationPath:
     def verify(self) -> None:
         """Checks that every node file exists and matches the manifest (size and sha256)."""
         for node in self.nodes[1:]:
-            file = os.path.join(self.directory, node.file)
-            if not os.path.isfile(file):
-                raise PathError(f"node {node.index} (step {node.step}) is missing: {file} does not exist")
-            size = os.path.getsize(file)
-            if size != node.num_bytes or _sha256(file) != node.sha256:
-                raise PathError(
-                    f"node {node.index} (step {node.step}) at {file} does not match the manifest "
-                    f"({size} bytes vs {node.num_bytes} recorded, or a different sha256): it is corrupt or was "
-                    "replaced. Re-run degradation recording or restore the file."
-                )
+            self._verify_node(node)
+
+    def mark_verified(self) -> None:
+        """Records every node file, as it is now, as checked (another process on this machine verified them, e.g. the
+        local main process of a multi-GPU run): reads then hash nothing unless a file changes."""
+        for node in self.nodes[1:]:
+            stat = os.stat(os.path.join(self.directory, node.file))
+            self._verified[node.index] = (stat.st_size, stat.st_mtime_ns)
+
+    def _verify_node(self, node: PathNode) -> None:
+        """Checks one node file against the manifest; hashes it only if it changed since its last check (or was
+        never checked), so opening a path and then reading its nodes hashes each file once."""
+        file = os.path.join(self.directory, node.file)
+        if not os.path.isfile(file):
+            raise PathError(f"node {node.index} (step {node.step}) is missing: {file} does not exist")
+        stat = os.stat(file)
+        if self._verified.get(node.index) == (stat.st_size, stat.st_mtime_ns):
+            return
+        if stat.st_size != node.num_bytes or _sha256(file) != node.sha256:
+            raise PathError(
+                f"node {node.index} (step {node.step}) at {file} does not match the manifest "
+                f"({stat.st_size} bytes vs {node.num_bytes} recorded, or a different sha256): it is corrupt or was "
+                "replaced. Re-run degradation recording or restore the file."
+            )
+        self._verified[node.index] = (stat.st_size, stat.st_mtime_ns)
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -202,14 +219,14 @@ class DegradationPath:
         return sum(n.num_bytes for n in self.nodes)
 
     def node_state_dict(self, index: int, verify: bool = True) -> dict[str, torch.Tensor]:
-        """The tensors of node `index` (>= 1), after checking its sha256."""
+        """The tensors of node `index` (>= 1), after checking its sha256 (unless it was checked already and the file
+        has not changed since)."""
         if index == 0:
             raise PathError("node 0 is the teacher itself: use the teacher's weights")
         node = self.nodes[index]
-        file = os.path.join(self.directory, node.file)
-        if verify and (not os.path.isfile(file) or _sha256(file) != node.sha256):
-            raise PathError(f"node {index} at {file} is missing or does not match its sha256 in the manifest")
-        return load_file(file)
+        if verify:
+            self._verify_node(node)
+        return load_file(os.path.join(self.directory, node.file))
 
     def load_node(self, model: torch.nn.Module, index: int, adapter_name: str = LORA_ADAPTER) -> None:
         """

@@ -15,13 +15,16 @@ from .data import CaptionSet, image_folder
 from .evaluate import (
     METRICS,
     ReferenceImages,
+    Scorer,
     default_metrics,
     evaluate,
     fid_against,
     fid_transform_name,
     library_versions,
+    load_feature_extractor,
     load_pipeline,
     reference_stats_key,
+    resolve_metrics,
     sample_grid,
 )
 from .generation import generate_images, missing_indices
@@ -50,6 +53,7 @@ __all__ = [
     "PROTOCOLS",
     "ReferenceImages",
     "ReferenceStatistics",
+    "Scorer",
     "center_crop",
     "center_crop_square",
     "clean_resizer",
@@ -68,10 +72,12 @@ __all__ = [
     "image_folder",
     "inception_feature_extractor",
     "library_versions",
+    "load_feature_extractor",
     "load_pipeline",
     "missing_indices",
     "patch_fid_transform",
     "reference_stats_key",
+    "resolve_metrics",
     "sample_grid",
 ]
 
@@ -80,7 +86,6 @@ from .shapes_judge import (  # noqa: E402
     ShapesJudge,
     default_judge,
     fd_in_judge_features,
-    frechet_distance_features,
     judge_images,
     shapes_metrics,
     train_judge,
@@ -90,7 +95,6 @@ __all__ += [
     "ShapesJudge",
     "default_judge",
     "fd_in_judge_features",
-    "frechet_distance_features",
     "judge_images",
     "shapes_metrics",
     "train_judge",

@@ -155,6 +155,142 @@ def fid_against(
     return frechet_distance(*feature_statistics(feats), stats.mu, stats.sigma)
 
 
+def load_feature_extractor(name: str = "inception", device="cpu") -> FeatureExtractor:
+    """
+    The FID feature network by name: `"inception"` (clean-fid's, the published protocol) or the path of a TorchScript
+    file mapping float32 `[N, 3, 299, 299]` in [0, 255] to `[N, D]` features (any other network; its FIDs are not
+    comparable to published ones). The file's hash keys the reference-statistics cache.
+    """
+    if name == "inception":
+        return inception_feature_extractor(device)
+    if not os.path.isfile(name):
+        raise ValueError(f"feature extractor {name!r} is neither 'inception' nor a TorchScript file")
+    import torch
+
+    model = torch.jit.load(name, map_location=device).eval()
+    with open(name, "rb") as f:
+        model.name = f"torchscript {os.path.basename(name)} sha256:{hashlib.sha256(f.read()).hexdigest()[:16]}"
+    return model
+
+
+def resolve_metrics(protocol: EvalProtocol, metrics: Sequence[str] | None, clip_scorer=None) -> list[str]:
+    """The metrics to compute, in [`METRICS`] order: `metrics` (default [`default_metrics`]) less patch-FID when the
+    protocol has none and the CLIP score when there is no CLIP model."""
+    metrics = default_metrics(protocol) if metrics is None else metrics
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {list(METRICS)}")
+    metrics = [m for m in METRICS if m in metrics and (m != "patch_fid" or protocol.patch_fid)]
+    if "clip_score" in metrics and clip_scorer is None and protocol.clip_model is None:
+        metrics.remove("clip_score")
+    if not metrics:
+        raise ValueError("no metric left to compute (check --metrics, --no-patch-fid and --clip-model)")
+    return metrics
+
+
+class Scorer:
+    """
+    The metrics of one protocol against one reference set, set up once (the feature network, the reference
+    statistics, computed once and cached, the CLIP model and the shapes judge) and then computed for any images:
+    what [`evaluate`] runs on the images it generated, and what the training script runs during training.
+
+    Args:
+        protocol: the [`EvalProtocol`] (FID resolution, patch-FID, CLIP model and prefix).
+        metrics: any of [`METRICS`] (default [`default_metrics`]; see [`resolve_metrics`]).
+        reference: the reference images of FID, patch-FID and the shapes FD.
+        feature_extractor: the FID network (default clean-fid's Inception; see [`load_feature_extractor`]).
+        clip_scorer: the CLIP scorer (default the protocol's open_clip model).
+        stats_cache: folder for reference statistics (default `$HF_HOME/diffusers_disback/fid_stats`).
+        clip_device: where the CLIP model lives between calls (default `device`; `"cpu"` keeps a large one off the
+            GPU while training and moves it to `device` for each call).
+    """
+
+    def __init__(
+        self,
+        protocol: EvalProtocol,
+        metrics: Sequence[str] | None = None,
+        reference: ReferenceImages | None = None,
+        feature_extractor: FeatureExtractor | None = None,
+        clip_scorer: ClipScorer | None = None,
+        stats_cache: str | None = None,
+        device="cpu",
+        feature_batch_size: int = 64,
+        progress: bool = False,
+        clip_device=None,
+    ):
+        self.metrics = resolve_metrics(protocol, metrics, clip_scorer)
+        if any(m in self.metrics for m in ("fid", "patch_fid", "shapes")) and reference is None:
+            raise ValueError(
+                "FID needs reference images (the shapes FD too): pass a reference folder or a dataset with images "
+                "(or evaluate the CLIP score alone)"
+            )
+        self.protocol, self.reference, self.device = protocol, reference, device
+        self.feature_batch_size, self.progress = feature_batch_size, progress
+        self.details: dict = {}
+        self.fid: dict[str, tuple] = {}  # metric -> (transform, reference statistics)
+        if any(m in self.metrics for m in ("fid", "patch_fid")):
+            self.extractor = (
+                feature_extractor if feature_extractor is not None else inception_feature_extractor(device)
+            )
+            extractor_name = extractor_id(self.extractor)
+            cache = stats_cache or os.path.join(hf_constants.HF_HOME, "diffusers_disback", "fid_stats")
+            for metric, transform, transform_name in (
+                ("fid", fid_transform(protocol.fid_resolution), fid_transform_name(protocol.fid_resolution)),
+                ("patch_fid", patch_fid_transform(299), "center-crop299"),
+            ):
+                if metric not in self.metrics:
+                    continue
+                key = reference_stats_key(reference.fingerprint, transform_name, extractor_name)
+                stats, cached = ReferenceStatistics.get_or_compute(
+                    cache, key, reference.loader, self.extractor, transform, feature_batch_size, device, progress,
+                    reference.count,
+                    metadata={"source": reference.source, "transform": transform_name, "feature_extractor": extractor_name},
+                )  # fmt: skip
+                self.fid[metric] = (transform, stats)
+                self.details[metric] = {
+                    "transform": transform_name,
+                    "reference_images": stats.count,
+                    "reference_stats": stats.path,
+                    "reference_stats_reused": cached,
+                }
+            self.details["feature_extractor"] = extractor_name
+        self.clip_scorer, self.clip_device = None, clip_device
+        if "clip_score" in self.metrics:
+            self.clip_scorer = clip_scorer or ClipScorer.from_open_clip(
+                protocol.clip_model, protocol.clip_pretrained, clip_device or device, protocol.clip_prefix,
+                protocol.clip_resolution,
+            )  # fmt: skip
+            s = self.clip_scorer
+            self.details["clip_score"] = {"model": s.name, "prefix": s.prefix, "resolution": s.resolution}
+        self.judge, self.reference_images = None, None
+        if "shapes" in self.metrics:
+            from .shapes_judge import default_judge
+
+            self.judge, self.reference_images = default_judge(device), list(reference.loader())
+            self.details["shapes"] = {
+                "judge": "diffusers_disback.evaluation.default_judge",
+                "reference": reference.source,
+            }
+
+    def __call__(self, images: Callable[[], Iterator[Image.Image]], prompts: Sequence[str]) -> dict[str, float]:
+        """The metrics of the images `images()` yields (one per prompt, in order; called once per metric)."""
+        n, results = len(prompts), {}
+        for metric, (transform, stats) in self.fid.items():
+            results[metric] = fid_against(
+                stats, images, self.extractor, transform, self.feature_batch_size, self.device, self.progress, n
+            )
+        if self.clip_scorer is not None:
+            scorer = self.clip_scorer.to(self.device) if self.clip_device is not None else self.clip_scorer
+            results["clip_score"] = scorer.score(images(), list(prompts), self.feature_batch_size, self.progress)
+            if self.clip_device is not None:
+                scorer.to(self.clip_device)
+        if self.judge is not None:
+            from .shapes_judge import shapes_metrics
+
+            results.update(shapes_metrics(list(images()), list(prompts), self.reference_images, self.judge))
+        return results
+
+
 def evaluate(
     pipeline,
     captions: CaptionSet,
@@ -174,8 +310,9 @@ def evaluate(
 ) -> dict | None:
     """
     Generates `protocol.num_prompts` images (resumable, data-parallel under `accelerate launch`), then on the main
-    process computes `metrics` and writes `output_dir/metrics.json` (the numbers and everything needed to reproduce
-    them) and `output_dir/grid.png`. Returns the result dict on the main process and `None` on the others.
+    process computes `metrics` ([`Scorer`]) and writes `output_dir/metrics.json` (the numbers and everything needed
+    to reproduce them) and `output_dir/grid.png`. Returns the result dict on the main process and `None` on the
+    others.
 
     Args:
         pipeline: a text-to-image pipeline on its device.
@@ -192,13 +329,7 @@ def evaluate(
     from accelerate import PartialState
 
     state = PartialState()
-    metrics = default_metrics(protocol) if metrics is None else metrics
-    unknown = set(metrics) - set(METRICS)
-    if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {list(METRICS)}")
-    metrics = [m for m in METRICS if m in metrics and (m != "patch_fid" or protocol.patch_fid)]
-    if "clip_score" in metrics and clip_scorer is None and protocol.clip_model is None:
-        metrics.remove("clip_score")
+    metrics = resolve_metrics(protocol, metrics, clip_scorer)
     if len(captions) < protocol.num_prompts:
         raise ValueError(
             f"the protocol asks for {protocol.num_prompts} prompts but {captions.source} gave {len(captions)}"
@@ -206,12 +337,10 @@ def evaluate(
     prompts = captions.captions[: protocol.num_prompts]
     if reference is None and captions.has_images:
         reference = ReferenceImages.from_caption_set(captions, protocol.num_prompts)
-    if not metrics:
-        raise ValueError("no metric left to compute (check --metrics, --no-patch-fid and --clip-model)")
     if any(m in metrics for m in ("fid", "patch_fid", "shapes")) and reference is None:
         raise ValueError(
-            f"FID needs reference images (the shapes FD too), and {captions.source} has captions only: pass a reference folder or a "
-            "dataset with images (or evaluate the CLIP score alone)"
+            f"FID needs reference images (the shapes FD too), and {captions.source} has captions only: pass a "
+            "reference folder or a dataset with images (or evaluate the CLIP score alone)"
         )
     device = device if device is not None else state.device
     images_dir = os.path.join(output_dir, "images")
@@ -233,60 +362,11 @@ def evaluate(
         return None
 
     n = len(prompts)
-    show = progress and state.is_local_main_process
-    results: dict = {}
-    details: dict = {}
-    if any(m in metrics for m in ("fid", "patch_fid")):
-        extractor = feature_extractor if feature_extractor is not None else inception_feature_extractor(device)
-        extractor_name = extractor_id(extractor)
-        cache = stats_cache or os.path.join(hf_constants.HF_HOME, "diffusers_disback", "fid_stats")
-        for metric, transform, transform_name in (
-            ("fid", fid_transform(protocol.fid_resolution), fid_transform_name(protocol.fid_resolution)),
-            ("patch_fid", patch_fid_transform(299), "center-crop299"),
-        ):
-            if metric not in metrics:
-                continue
-            key = reference_stats_key(reference.fingerprint, transform_name, extractor_name)
-            stats, cached = ReferenceStatistics.get_or_compute(
-                cache,
-                key,
-                reference.loader,
-                extractor,
-                transform,
-                feature_batch_size,
-                device,
-                show,
-                reference.count,
-                metadata={
-                    "source": reference.source,
-                    "transform": transform_name,
-                    "feature_extractor": extractor_name,
-                },
-            )
-            results[metric] = fid_against(
-                stats, lambda: _generated_images(images_dir, n), extractor, transform, feature_batch_size, device,
-                show, n,
-            )  # fmt: skip
-            details[metric] = {
-                "transform": transform_name,
-                "reference_images": stats.count,
-                "reference_stats": stats.path,
-                "reference_stats_reused": cached,
-            }
-        details["feature_extractor"] = extractor_name
-    if "clip_score" in metrics:
-        scorer = clip_scorer or ClipScorer.from_open_clip(
-            protocol.clip_model, protocol.clip_pretrained, device, protocol.clip_prefix, protocol.clip_resolution
-        )
-        results["clip_score"] = scorer.score(_generated_images(images_dir, n), prompts, feature_batch_size, show)
-        details["clip_score"] = {"model": scorer.name, "prefix": scorer.prefix, "resolution": scorer.resolution}
-
-    if "shapes" in metrics:
-        from .shapes_judge import default_judge, shapes_metrics
-
-        images = list(_generated_images(images_dir, n))
-        results.update(shapes_metrics(images, prompts, list(reference.loader()), default_judge(device)))
-        details["shapes"] = {"judge": "diffusers_disback.evaluation.default_judge", "reference": reference.source}
+    scorer = Scorer(
+        protocol, metrics, reference, feature_extractor, clip_scorer, stats_cache, device, feature_batch_size,
+        progress and state.is_local_main_process,
+    )  # fmt: skip
+    results = scorer(lambda: _generated_images(images_dir, n), prompts)
 
     grid = sample_grid(images_dir, n)
     atomic_write(os.path.join(output_dir, "grid.png"), grid.save)
@@ -298,7 +378,7 @@ def evaluate(
         "captions": {"source": captions.source, "fingerprint": captions.fingerprint},
         "reference": None if reference is None else {"source": reference.source, "fingerprint": reference.fingerprint},
         "seeds": {"base": protocol.seed, "rule": "image i from torch.Generator('cpu').manual_seed(seed + i)"},
-        "details": details,
+        "details": scorer.details,
         "generation": {**gen, "processes": state.num_processes, "batch_size_per_process": batch_size},
         "versions": library_versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -4,6 +4,9 @@ sharded models, preparing a trainable model without accelerate's hidden autocast
 from __future__ import annotations
 
 import torch
+from accelerate.logging import get_logger
+
+logger = get_logger(__name__)
 
 
 def is_fsdp2_sharded(model: torch.nn.Module) -> bool:
@@ -50,3 +53,44 @@ def clip_grad_norm(accelerator, model: torch.nn.Module, optimizer, max_grad_norm
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     else:
         accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+
+
+def finite_or_skip(accelerator, loss: torch.Tensor, what: str, nan_policy: str, global_step: int) -> bool:
+    """
+    Whether to apply this update: `loss` is finite on every rank. Decided together by all ranks (a rank that skipped
+    backward alone would leave the others waiting in the gradient all-reduce). A non-finite loss is skipped with a
+    warning (`nan_policy="skip"`) or stops the run (`"abort"`, a `FloatingPointError`).
+    """
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    if bool(accelerator.gather(finite).min() > 0):
+        return True
+    msg = f"{what} loss is {loss.item()} on rank {accelerator.process_index} (or another rank) at global step {global_step}"
+    if nan_policy == "abort":
+        raise FloatingPointError(msg + "; stopping (--nan_policy abort). Lower the learning rate or check data.")
+    logger.warning(msg + "; skipping this update (--nan_policy skip)")
+    return False
+
+
+def load_path_verified_once(accelerator, path_dir: str):
+    """
+    Opens the degradation path at `path_dir` on every process, with each node file hashed once per machine: the local
+    main process verifies every node (sha256, [`DegradationPath.verify`]) and the other processes on its machine
+    trust its check. A failed check stops every process (they agree through one collective, so none is left waiting).
+    """
+    from ..distill import DegradationPath, PathError
+
+    path = DegradationPath.load(path_dir, verify=False)  # the manifest only
+    error = None
+    if accelerator.is_local_main_process:
+        try:
+            path.verify()
+        except PathError as e:
+            error = e
+    failed = bool(accelerator.gather(torch.tensor([float(error is not None)], device=accelerator.device)).max() > 0)
+    if error is not None:
+        raise error
+    if failed:
+        raise PathError(f"another process found the path at {path_dir} corrupt or incomplete (its error says how)")
+    if not accelerator.is_local_main_process:
+        path.mark_verified()
+    return path

@@ -1,11 +1,15 @@
-"""SDXL glue: prompts to the conditioning the UNet takes, and a UNet as the score callable of
-`diffusers_disback.distill`."""
+"""SDXL glue: the teacher's frozen parts and the UNets a run starts from, prompts to the conditioning the UNet takes,
+and a UNet as the score callable of `diffusers_disback.distill`."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+from dataclasses import dataclass
 
 import torch
+
+from ..distill import NoiseSchedule
 
 # the attention projections: what every LoRA adapter of the training script targets
 SDXL_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -84,3 +88,101 @@ def _dtype_of(module: torch.nn.Module) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
+
+
+@dataclass
+class FrozenSDXL:
+    """
+    The teacher's parts that never train: the UNet held in the compute dtype (so autocast casts none of its weights
+    on any call), the text encoders in fp32 (one pass per batch, as in DMD2), the noise schedule and the conditioner;
+    the VAE is loaded on first use ([`load_vae`]). Also loads the UNets a run starts from, in fp32.
+
+    Example:
+        ```py
+        >>> frozen = FrozenSDXL.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0", 1024, torch.bfloat16, "cuda")
+        >>> generator = frozen.load_generator(None)  # the teacher's UNet again, in fp32
+        ```
+    """
+
+    pretrained: str
+    revision: str | None
+    variant: str | None
+    tokenizer: object
+    tokenizer_2: object
+    text_encoder: torch.nn.Module
+    text_encoder_2: torch.nn.Module
+    teacher: torch.nn.Module
+    scheduler_config: dict
+    noise_schedule: NoiseSchedule
+    conditioner: SDXLConditioner
+    vae: torch.nn.Module | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained: str,
+        resolution: int,
+        weight_dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        revision: str | None = None,
+        variant: str | None = None,
+    ) -> FrozenSDXL:
+        """The frozen parts of the SDXL pipeline `pretrained` (a Hub id or folder) for images of `resolution`."""
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        from ..scheduling_disback import DisBackScheduler
+
+        rev, var = revision, variant
+        tok = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", revision=rev)
+        tok2 = CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", revision=rev)
+        te = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", revision=rev, variant=var)
+        te2 = CLIPTextModelWithProjection.from_pretrained(
+            pretrained, subfolder="text_encoder_2", revision=rev, variant=var
+        )
+        teacher = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", revision=rev, variant=var)
+        scheduler = DisBackScheduler.from_pretrained(pretrained, subfolder="scheduler", revision=rev)
+        for m in (te, te2, teacher):
+            m.requires_grad_(False).eval()
+        te, te2 = te.to(device, torch.float32), te2.to(device, torch.float32)
+        teacher = teacher.to(device, weight_dtype)
+        return cls(
+            pretrained, revision, variant, tok, tok2, te, te2, teacher, scheduler.config,
+            NoiseSchedule.from_scheduler(scheduler), SDXLConditioner(tok, tok2, te, te2, resolution),
+        )  # fmt: skip
+
+    def load_unet_fp32(self) -> torch.nn.Module:
+        """The teacher's UNet read again in fp32: trainable copies start from its exact weights, not the frozen
+        teacher's bf16/fp16 rounding."""
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_pretrained(
+            self.pretrained, subfolder="unet", revision=self.revision, variant=self.variant
+        ).to(torch.float32)
+
+    def load_generator(self, source: str | None) -> torch.nn.Module:
+        """The generator's starting point in fp32: the teacher (`None`), a diffusers UNet folder or repo (with or
+        without `unet/`), or a raw checkpoint (strictly; a local file or `owner/repo/file.bin` on the Hub)."""
+        from diffusers import UNet2DConditionModel
+
+        from ..checkpoints import load_unet_checkpoint
+
+        if source is None:
+            return self.load_unet_fp32()
+        if os.path.isfile(source) or source.endswith((".bin", ".pt", ".pth", ".ckpt", ".safetensors")):
+            gen = load_unet_checkpoint(source, config=self.teacher.config)
+        else:
+            sub = "unet" if os.path.isdir(os.path.join(source, "unet")) else None
+            gen = UNet2DConditionModel.from_pretrained(source, subfolder=sub)
+        return gen.to(torch.float32)
+
+    def load_vae(self, device: torch.device | str, weight_dtype: torch.dtype) -> torch.nn.Module:
+        """The teacher's VAE, loaded once (real-image encoding and validation share it); bf16 or fp32, since SDXL's
+        VAE overflows in fp16."""
+        if self.vae is None:
+            from diffusers import AutoencoderKL
+
+            dtype = torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32
+            vae = AutoencoderKL.from_pretrained(self.pretrained, subfolder="vae", revision=self.revision)
+            self.vae = vae.to(device, dtype).requires_grad_(False)
+        return self.vae

@@ -43,8 +43,7 @@ class RunState:
         self.stage = state["stage"]
         self.stage_step = int(state["stage_step"])
         self.global_step = int(state["global_step"])
-        # `schedule`: the name before the settings had one name each
-        self.backtracking = dict(state.get("backtracking", state.get("schedule", {})))
+        self.backtracking = dict(state["backtracking"])
 
 
 def checkpoint_dirs(output_dir: str) -> list[str]:
@@ -186,8 +185,6 @@ def restore_checkpoint(accelerator, plan: ResumePlan, stage: str, rng: torch.Gen
     rank = accelerator.process_index
     with open(os.path.join(checkpoint, f"data_{rank}.json"), encoding="utf-8") as f:
         positions = json.load(f)
-    if "prompts" not in positions:  # written before the streams were named: the prompt stream's state at top level
-        positions = {"prompts": positions, "real": positions.get("real")}
     for key, stream in streams.items():
         if stream is not None and positions.get(key):
             stream.load_state_dict(positions[key])
