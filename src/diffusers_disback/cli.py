@@ -156,7 +156,7 @@ def _evaluate(args) -> int:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from .evaluation import ReferenceImages, evaluate, get_protocol, load_pipeline
+    from .evaluation import ReferenceImages, evaluate, get_protocol, load_feature_extractor, load_pipeline
 
     _model_source(args.model)  # before anything else is read
     protocol = get_protocol(args.protocol)
@@ -172,7 +172,7 @@ def _evaluate(args) -> int:
     if args.no_patch_fid:
         changes["patch_fid"] = False
     if args.clip_model is not None:
-        changes["clip_model"] = None if args.clip_model in ("none", "tiny") else args.clip_model
+        changes["clip_model"] = None if args.clip_model == "none" else args.clip_model
     if args.clip_pretrained is not None:
         changes["clip_pretrained"] = args.clip_pretrained
     protocol = dataclasses.replace(protocol, **changes)
@@ -187,15 +187,9 @@ def _evaluate(args) -> int:
         _model_source(args.model), args.checkpoint, _dtype(args.dtype), args.revision, args.variant
     ).to(device)
     pipe.set_progress_bar_config(disable=True)
-    feature_extractor = clip_scorer = None
-    if args.feature_extractor == "tiny":
-        from .testing import TinyFeatureExtractor
-
-        feature_extractor = TinyFeatureExtractor().to(device)
-    if args.clip_model == "tiny":
-        from .testing import get_tiny_clip_scorer
-
-        clip_scorer = get_tiny_clip_scorer(protocol.clip_prefix, protocol.clip_resolution)
+    feature_extractor = None  # evaluate() builds clean-fid's Inception where a metric needs it
+    if args.feature_extractor != "inception":
+        feature_extractor = load_feature_extractor(args.feature_extractor, device)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     if args.clip_model == "none" and metrics:
         metrics = [m for m in metrics if m != "clip_score"]
@@ -208,7 +202,6 @@ def _evaluate(args) -> int:
         metrics=metrics,
         batch_size=args.batch_size,
         feature_extractor=feature_extractor,
-        clip_scorer=clip_scorer,
         stats_cache=args.stats_cache,
         device=device,
         model_id=_model_id(args),
@@ -365,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument(
         "--clip-model",
         default=None,
-        help="open_clip model (default ViT-g-14); 'none' skips the score; 'tiny': a random stand-in for tests",
+        help="open_clip model (default ViT-g-14); 'none' skips the score",
     )
     ov.add_argument("--clip-pretrained", default=None, help="open_clip weights tag (default laion2b_s12b_b42k)")
     e.add_argument(
@@ -384,9 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
     e.add_argument(
         "--feature-extractor",
-        choices=["inception", "tiny"],
         default="inception",
-        help="inception: clean-fid's (the protocol); tiny: a random stand-in for offline tests (not comparable)",
+        help="inception: clean-fid's (the protocol); or the path of a TorchScript network mapping float32 [N, 3, 299, "
+        "299] in [0, 255] to features (its FIDs compare only with its own; docs/evaluation.md)",
     )
     e.set_defaults(func=_evaluate)
     return parser
