@@ -39,7 +39,6 @@ __all__ = [
     "write_fp16_variant",
     "push_folder",
     "push_pipeline",
-    "push_pipeline_folder",
     "make_space_card",
     "push_space",
     "space_app_source",
@@ -411,28 +410,6 @@ def push_folder(
                 wait,
             )
             time.sleep(wait)
-
-
-def push_pipeline_folder(
-    save_directory: str | os.PathLike,
-    pipeline=None,
-    repo_id: str | None = None,
-    *,
-    private: bool | None = None,
-    token: str | None = None,
-    commit_message: str = "Upload DisBack pipeline",
-    create_pr: bool = False,
-    card_data: dict | None = None,
-    sample_prompts=None,
-) -> str:
-    """Pushes a folder that `DisBackPipeline.save_pretrained` wrote, adding a model card if it has none."""
-    if create_pr:
-        raise NotImplementedError("create_pr is not supported; push to a branch-less repo or use huggingface_hub.")
-    save_directory = os.fspath(save_directory)
-    repo_id = repo_id or os.path.basename(os.path.normpath(save_directory))
-    if not os.path.exists(os.path.join(save_directory, "README.md")):
-        _write_card(pipeline, save_directory, repo_id, None, "pipeline", "openrail++", card_data, sample_prompts)
-    return push_folder(save_directory, repo_id, private=private, token=token, commit_message=commit_message)
 
 
 def push_pipeline(
