@@ -30,6 +30,7 @@ from PIL import Image, ImageFilter
 from torch import nn
 
 from ..shapes import ATTRIBUTES, Scene, all_scenes, render
+from .metrics import feature_statistics, frechet_distance
 
 IMAGE_SIZE = 64
 # render seeds >= this are never used in training (training draws them from [0, 2**32))
@@ -47,7 +48,6 @@ __all__ = [
     "default_judge",
     "evaluate_judge",
     "fd_in_judge_features",
-    "frechet_distance_features",
     "judge_images",
     "shapes_metrics",
     "train_judge",
@@ -312,30 +312,18 @@ def judge_images(judge: ShapesJudge, images, captions: list[str], batch_size: in
     return result
 
 
-def frechet_distance_features(feat_x: torch.Tensor, feat_y: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (N, D) (the FID formula), in float64."""
-    x, y = feat_x.double().cpu(), feat_y.double().cpu()
-    mu_x, mu_y = x.mean(0), y.mean(0)
-    cov_x, cov_y = torch.atleast_2d(torch.cov(x.T)), torch.atleast_2d(torch.cov(y.T))
-    # Tr sqrt(cov_x cov_y) through the symmetric form sqrt(A^1/2 B A^1/2)
-    vals, vecs = torch.linalg.eigh(cov_x)
-    sqrt_x = vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
-    mid = sqrt_x @ cov_y @ sqrt_x
-    mid_vals = torch.linalg.eigvalsh((mid + mid.T) / 2).clamp_min(0)
-    return float(((mu_x - mu_y) ** 2).sum() + torch.trace(cov_x) + torch.trace(cov_y) - 2 * mid_vals.sqrt().sum())
-
-
 @torch.no_grad()
-def _all_features(judge: ShapesJudge, images, batch_size: int = 256) -> torch.Tensor:
+def _feature_statistics(judge: ShapesJudge, images, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     x = judge.to_input(images)
-    return torch.cat([judge.features(x[i : i + batch_size]).cpu() for i in range(0, len(x), batch_size)])
+    features = torch.cat([judge.features(x[i : i + batch_size]).cpu() for i in range(0, len(x), batch_size)])
+    return feature_statistics(features.double().numpy())
 
 
 def fd_in_judge_features(judge: ShapesJudge, images_a, images_b, batch_size: int = 256) -> float:
-    """The Fréchet distance between `images_a` and `images_b` in the judge's penultimate features (float64)."""
-    return frechet_distance_features(
-        _all_features(judge, images_a, batch_size), _all_features(judge, images_b, batch_size)
-    )
+    """The Fréchet distance ([`frechet_distance`], FID's) between `images_a` and `images_b` in the judge's penultimate
+    features, their statistics in float64."""
+    a, b = (_feature_statistics(judge, images, batch_size) for images in (images_a, images_b))
+    return frechet_distance(*a, *b)
 
 
 def shapes_metrics(
