@@ -26,9 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-
-from diffusers_disback.evaluation import (  # noqa: E402
+from diffusers_disback.evaluation import (
     center_crop,
     compute_features,
     feature_statistics,
@@ -36,7 +34,7 @@ from diffusers_disback.evaluation import (  # noqa: E402
     frechet_distance,
     patch_fid_transform,
 )
-from diffusers_disback.testing import TinyFeatureExtractor, write_tiny_caption_set  # noqa: E402
+from diffusers_disback.testing import TinyFeatureExtractor, write_tiny_caption_set
 
 CAPTIONS = [
     "A man riding a wave on top of a surfboard.",

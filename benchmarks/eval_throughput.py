@@ -13,24 +13,20 @@ path, on one thread and on the thread pool. The ratio (2)/(1) is the evaluation'
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-
-from diffusers_disback import DisBackPipeline, DisBackScheduler  # noqa: E402
-from diffusers_disback.evaluation import (  # noqa: E402
+from diffusers_disback import DisBackPipeline, DisBackScheduler
+from diffusers_disback.evaluation import (
     compute_features,
     fid_transform,
     generate_images,
     patch_fid_transform,
 )
-from diffusers_disback.evaluation.generation import image_path  # noqa: E402
-from diffusers_disback.testing import TinyFeatureExtractor, get_sdxl_components  # noqa: E402
+from diffusers_disback.evaluation.generation import image_path
+from diffusers_disback.testing import TinyFeatureExtractor, get_sdxl_components
 
 
 def _sync(device):

@@ -21,17 +21,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-
-from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline  # noqa: E402
-
-from diffusers_disback import DisBackPipeline  # noqa: E402
-from diffusers_disback.testing import SDXL_SCHEDULER_CONFIG, get_sdxl_components, get_tiny_taesd  # noqa: E402
+from diffusers_disback import DisBackPipeline
+from diffusers_disback.testing import SDXL_SCHEDULER_CONFIG, get_sdxl_components, get_tiny_taesd
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
 

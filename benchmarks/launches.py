@@ -1,8 +1,8 @@
 """PyTorch operators dispatched per stage-2 iteration of the SDXL training script, at tiny size on CPU.
 
-The script (`examples/train_disback/train_disback_sdxl.py`) is driven only through its command-line flags: it is
-imported as a module and its `main(argv)` is called in-process, so the count stays valid however the script is
-restructured. For each mode:
+The script (`examples/train_disback/train_disback_sdxl.py`) is driven only through its command-line flags: it is run
+as a program in-process (`runpy.run_path(..., run_name="__main__")` with `sys.argv` set), so the count stays valid
+however the script is restructured. For each mode:
 
 1. a tiny teacher (`diffusers_disback.testing.save_tiny_teacher`) and one stage-1 run (`--stage degradation`, 4 steps,
    a node every 2) give a degradation path (one per `--mixed_precision`, shared by the modes that use it);
@@ -27,8 +27,9 @@ iterations, so with A >= 2 the difference covers steady-state iterations only (h
 
 Results go to a `<!-- LABEL -->...<!-- /LABEL -->` section of `--output` (default `benchmarks/results/launches.md`),
 replaced if present, with a table (mode | aten ops / iteration | copy_ / iteration | _to_copy / iteration |
-s / iteration), the split by region and the most frequent aten ops per iteration of each mode. The `src/` next to
-this file comes first on `sys.path`, so a git worktree measures its own library and script.
+s / iteration), the split by region and the most frequent aten ops per iteration of each mode. It measures the
+script next to this file with the `diffusers_disback` Python imports (the editable install); to measure a git
+worktree's own library, run it there with `PYTHONPATH=src`.
 """
 
 from __future__ import annotations
@@ -36,22 +37,21 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import importlib.util
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
 import time
 
 import torch
+from common import write_section
+
+import diffusers_disback
+from diffusers_disback.testing import save_tiny_teacher
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "src"))
-sys.path.insert(1, HERE)  # common.py
-
-import diffusers_disback  # noqa: E402
-from diffusers_disback.testing import save_tiny_teacher  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "examples", "train_disback", "train_disback_sdxl.py")
 PROMPTS = os.path.join(ROOT, "examples", "train_disback", "data", "demo_prompts.txt")
@@ -74,31 +74,28 @@ COUNTED = ("aten::copy_", "aten::_to_copy")
 REGIONS = ("optimizer", "backward", "forward")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_disback_sdxl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_main(script, argv: list[str]) -> None:
-    """One in-process `main(argv)`, with accelerate's singletons reset so the next run may change the precision."""
+def run_script(argv: list[str]) -> None:
+    """One in-process run of the script as a program (`python SCRIPT argv...`), with accelerate's singletons reset so
+    the next run may change the precision."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+    saved = sys.argv
+    sys.argv = [SCRIPT, *argv]
     try:
-        script.main(argv)
+        runpy.run_path(SCRIPT, run_name="__main__")
     finally:
+        sys.argv = saved
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
 
 
-def profiled(script, argv: list[str]) -> tuple[collections.Counter, float]:
-    """aten op counts (by name) and wall seconds of one profiled `main(argv)`."""
+def profiled(argv: list[str]) -> tuple[collections.Counter, float]:
+    """aten op counts (by name) and wall seconds of one profiled run of the script."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
-        run_main(script, argv)
+        run_script(argv)
         wall = time.perf_counter() - start
     counts = collections.Counter({e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")})
     region = {}  # id(event) -> region, memoised along each chain of parents
@@ -131,19 +128,19 @@ def region_of(event, memo: dict) -> str:
     return found
 
 
-def measure(script, teacher: str, work: str, mode: str, steps: tuple[int, int], paths: dict) -> dict:
+def measure(teacher: str, work: str, mode: str, steps: tuple[int, int], paths: dict) -> dict:
     precision, extra = MODES[mode]
     base = ["--pretrained_teacher_model", teacher, *COMMON, "--mixed_precision", precision]
     if precision not in paths:  # stage 1 once per precision
         out = os.path.join(work, f"stage1-{precision}")
-        run_main(script, [*base, "--output_dir", out, *STAGE1])
+        run_script([*base, "--output_dir", out, *STAGE1])
         paths[precision] = os.path.join(out, "path")
     runs = []
     for n in steps:
         out = os.path.join(work, f"stage2-{mode}-{n}")
         argv = [*base, "--output_dir", out, *STAGE2, "--path_dir", paths[precision], "--max_train_steps", str(n)]
         argv += extra
-        counts, wall = profiled(script, argv)
+        counts, wall = profiled(argv)
         total = sum(v for k, v in counts.items() if isinstance(k, str))
         print(f"[launches] {mode} max_train_steps={n}: {total} aten ops, {wall:.1f} s", flush=True)
         runs.append((counts, wall))
@@ -216,15 +213,12 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"[launches] diffusers_disback from {diffusers_disback.__file__}, script {SCRIPT}", flush=True)
-    script = load_script()
     results, paths = {}, {}
     with tempfile.TemporaryDirectory(prefix="launches-") as work:
         teacher = save_tiny_teacher(os.path.join(work, "teacher"))
         for mode in args.modes:
-            results[mode] = measure(script, teacher, work, mode, tuple(args.steps), paths)
+            results[mode] = measure(teacher, work, mode, tuple(args.steps), paths)
     text = render(args.label, results, tuple(args.steps), args.threads, args.top)
-    from common import write_section
-
     write_section(args.label, text, args.output, "# Operators per stage-2 iteration (`benchmarks/launches.py`)")
     print(text)
     print(f"[launches] written to {args.output}")

@@ -15,20 +15,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
+from accelerate import init_empty_weights
+from diffusers import UNet2DConditionModel
+from peft import LoraConfig
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-
-from accelerate import init_empty_weights  # noqa: E402
-from diffusers import UNet2DConditionModel  # noqa: E402
-from peft import LoraConfig  # noqa: E402
-
-from diffusers_disback.distill import DegradationPath, NodeSwitcher, add_lora_adapter  # noqa: E402
-from diffusers_disback.testing import SDXL_UNET_CONFIG, TINY_UNET_CONFIG  # noqa: E402
+from diffusers_disback.distill import DegradationPath, NodeSwitcher, add_lora_adapter
+from diffusers_disback.testing import SDXL_UNET_CONFIG, TINY_UNET_CONFIG
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 

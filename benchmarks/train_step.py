@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import resource
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-
-from diffusers_disback.distill import (  # noqa: E402
+from diffusers_disback.distill import (
     BacktrackingSchedule,
     BacktrackingStep,
     NoiseSchedule,
@@ -34,8 +30,8 @@ from diffusers_disback.distill import (  # noqa: E402
     Score,
     one_step_sample,
 )
-from diffusers_disback.testing import get_sdxl_components  # noqa: E402
-from diffusers_disback.training import SDXLConditioner, unet_eps_fn  # noqa: E402
+from diffusers_disback.testing import get_sdxl_components
+from diffusers_disback.training import SDXLConditioner, unet_eps_fn
 
 PROMPTS = ["a photo of an astronaut riding a horse on mars", "a red fox in a snowy forest"]
 
