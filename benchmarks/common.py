@@ -1,29 +1,43 @@
-"""Shared engine of the convergence benchmarks (toy2d.py, digits.py): DMD vs DisBack vs the warm control on vector data.
+"""The convergence harness of toy2d.py and digits.py (DMD vs DisBack vs the warm control on vector data) and the
+results-file helpers of every benchmark.
 
-Everything the method does goes through `diffusers_disback.distill`: the training steps (`DegradationStep`,
-`BacktrackingStep`, the ones the SDXL training script runs), the settings (`DisBackConfig`, the script's flag names
-and units), the degradation path on disk, the node switcher and the backtracking schedule. This file only supplies
-small networks, the batches, the evaluation cadence and the bookkeeping, so that the benchmarks measure the loop
-users run.
+The method runs through `diffusers_disback.distill`: the training steps the SDXL script runs (`DegradationStep`,
+`BacktrackingStep`), its settings (`DisBackConfig`: the script's flag names and units), the path, the node switcher
+and the schedule. This file adds small networks, batches, evaluation cadence, bookkeeping, tables and plots; a
+benchmark adds a task and its modes. Methods (same networks, seeds and learning rates; stage 1 counted):
 
-Methods (same networks, seeds, learning rates; compute counted in iterations and wall time, stage 1 included):
+- `dmd`: fake score from the teacher, target the teacher from the first update (DMD / DMD2 without GAN);
+- `disback`: stage 1 records the path from the teacher toward the initial generator; stage 2 starts the fake score
+  at the most degraded node and walks the target back to the teacher;
+- `warm`: stage 1 as DisBack, fake score from the last node, target the teacher from the first update: what a better
+  initialised fake score buys without the path.
 
-- `dmd`: fake score from the teacher, target the teacher from the first update (DMD / DMD2 without GAN).
-- `disback`: stage 1 records the degradation path from the teacher toward the initial generator; stage 2 starts the
-  fake score at the most degraded node and walks the target back to the teacher.
-- `warm`: stage 1 as DisBack (same cost), fake score from the last node, but the target is the teacher from the first
-  update. It separates what the path buys from what a better-initialised fake score buys.
+"DMD's final quality" is, per seed, DMD's main metric (lower is better) over its last 2 evaluations, times 1.05; a
+method's ratio is the first iteration count (or second) at which it reaches it, over DMD's own.
+
+A task has `name`, `teacher`, `schedule`, `main` (the ratios' metric), `final_last` (evaluations its "final"
+averages), `metrics` and `summary_metrics` (`(key, label, format)`: the tables' and the docs summary's columns),
+`evaluator(seed)` (the `evaluate` hook of `run_distillation`, keeping its latest samples as `.last`),
+`sample_cond(n, generator)` and `uncond(batch_size)`.
+
+`write_section` replaces one block of a `benchmarks/results/*.md` file and then `update_docs` copies the marked
+results blocks into docs/benchmarks.md (alone: `python benchmarks/common.py --update-docs`, `make docs-results`).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import math
 import os
+import re
+import statistics
 import tempfile
 import time
+from collections import namedtuple
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -49,6 +63,13 @@ from diffusers_disback.distill import (
     one_step_sample,
     target_score,
 )
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(HERE, "results")
+CACHE_DIR = os.path.join(HERE, ".cache")
+DOCS = os.path.join(os.path.dirname(HERE), "docs", "benchmarks.md")
+METHODS = ("dmd", "disback", "warm")
+TOLERANCE = 1.05
 
 # ------------------------------------------------------------------------------------------------------ networks
 
@@ -81,13 +102,11 @@ class EpsMLP(nn.Module):
 LORA_TARGETS = ["net.0", "net.2", "net.4", "net.6"]
 
 
-# ------------------------------------------------------------------------------------------------------- teacher
-
-
 def train_teacher(
     data: torch.Tensor,
     labels: torch.Tensor | None,
     schedule: NoiseSchedule,
+    *,
     steps: int = 4000,
     batch_size: int = 512,
     lr: float = 2e-3,
@@ -116,6 +135,22 @@ def train_teacher(
         opt.step()
         sched.step()
     return model.eval().requires_grad_(False)
+
+
+def cached(name: str, config: dict, build: Callable[[], nn.Module], make: Callable[[], nn.Module], use_cache: bool):
+    """Loads `name` from `benchmarks/.cache` when its stored config matches, else builds it (stored if `use_cache`)."""
+    file = os.path.join(CACHE_DIR, name)
+    if use_cache and os.path.isfile(file):
+        blob = torch.load(file, weights_only=True)
+        if blob["config"] == json.dumps(config, sort_keys=True):
+            model = make()
+            model.load_state_dict(blob["state"], strict=True)
+            return model.eval().requires_grad_(False)
+    model = build()
+    if use_cache:
+        os.makedirs(CACHE_DIR, exist_ok=True)
+        torch.save({"config": json.dumps(config, sort_keys=True), "state": model.state_dict()}, file)
+    return model
 
 
 @torch.no_grad()
@@ -172,38 +207,42 @@ class History:
     stage1_iterations: int = 0
     stage1_seconds: float = 0.0
     node_steps: list[int] = field(default_factory=list)
+    samples: object = None  # the task's samples at the last evaluation
 
-    def first_reaching(self, metric: str, value: float, lower_is_better: bool = True, x: str = "iterations"):
-        """The first `x` (iterations, generator_updates or seconds) at which `metric` reaches `value`."""
-        for row in self.rows:
-            ok = row[metric] <= value if lower_is_better else row[metric] >= value
-            if ok:
-                return row[x]
-        return None
+    def first_reaching(self, metric: str, value: float, x: str = "iterations"):
+        """The first `x` (iterations, generator_updates or seconds) at which `metric` is at or below `value`."""
+        return next((row[x] for row in self.rows if row[metric] <= value), None)
 
 
-def _make_generator(teacher: EpsMLP, cfg: DistillConfig) -> EpsMLP:
+Run = namedtuple("Run", "rng generator generate next_batch")  # the seeded start of one run
+
+
+def start_run(teacher: EpsMLP, schedule: NoiseSchedule, cfg: DistillConfig, sample_cond) -> Run:
+    """The batches' RNG, the generator, its one-step sampler and the batch stream (conditions from
+    `sample_cond(batch_size, generator)`: labels, or None) of one run."""
+    rng = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
     if cfg.generator_init == "teacher":
-        gen = copy.deepcopy(teacher)
+        generator = copy.deepcopy(teacher)
     elif cfg.generator_init == "scratch":
         torch.manual_seed(cfg.seed + 1000)
-        gen = EpsMLP(
-            teacher.dim, teacher.net[0].out_features, (len(teacher.net) - 1) // 2, teacher.num_classes, teacher.T
-        )
+        hidden, depth = teacher.net[0].out_features, (len(teacher.net) - 1) // 2
+        generator = EpsMLP(teacher.dim, hidden, depth, teacher.num_classes, teacher.T)
     else:
         raise ValueError(f"generator_init must be 'teacher' or 'scratch', got {cfg.generator_init!r}")
-    return gen.train().requires_grad_(True)
+    generator.train().requires_grad_(True)
+
+    def generate(z, cond):
+        return one_step_sample(generator, z, cond, schedule, cfg.conditioning_timestep)
+
+    def next_batch():
+        cond = sample_cond(cfg.train_batch_size, rng)
+        return cond, torch.randn(cfg.train_batch_size, teacher.dim, generator=rng)
+
+    return Run(rng, generator, generate, next_batch)
 
 
-def record_path(
-    directory: str,
-    teacher: EpsMLP,
-    generate: Callable[[torch.Tensor, object], torch.Tensor],
-    schedule: NoiseSchedule,
-    cfg: DistillConfig,
-    next_batch: Callable[[], tuple[object, torch.Tensor]],
-    rng: torch.Generator,
-) -> DegradationPath:
+def record_path(directory: str, teacher: EpsMLP, schedule: NoiseSchedule, cfg: DistillConfig, run: Run):
     """Stage 1 through the library's [`DegradationStep`]: `cfg.degradation_steps` steps, a node at each of
     `cfg.node_steps()`."""
     degrading = copy.deepcopy(teacher).requires_grad_(False)
@@ -212,10 +251,10 @@ def record_path(
     path = DegradationPath.create(directory, teacher, kind=cfg.path_node_type, lora_config=lora)
     optimizer = make_optimizer(params, cfg.degradation_learning_rate, cfg)
     update = OptimizerUpdate({"degrading": optimizer}, {"degrading": params}, cfg.max_grad_norm)
-    step = DegradationStep(generate, Score(degrading, schedule), update, rng)
+    step = DegradationStep(run.generate, Score(degrading, schedule), update, run.rng)
     steps_at = cfg.node_steps()
     for i in range(1, cfg.degradation_steps + 1):
-        step(next_batch())
+        step(run.next_batch())
         if i in steps_at:
             path.add_node(degrading, i)
     return path
@@ -238,22 +277,14 @@ def run_distillation(
         evaluate: called with `sample(noise, cond) -> x0` (the current one-step generator); returns metrics.
         uncond: the unconditional cond for CFG (e.g. a tensor of null labels of the batch size), or None.
     """
-    rng = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    generator = _make_generator(teacher, cfg)
+    run = start_run(teacher, schedule, cfg, sample_cond)
+    generator = run.generator
     history = History(config=asdict(cfg))
-
-    def generate(z, cond):
-        return one_step_sample(generator, z, cond, schedule, cfg.conditioning_timestep)
-
-    def next_batch():
-        cond = sample_cond(cfg.train_batch_size, rng)
-        return cond, torch.randn(cfg.train_batch_size, teacher.dim, generator=rng)
 
     def evaluate_now(iterations: int, seconds: float, target_node: int):
         generator.eval()
         with torch.no_grad():
-            metrics = evaluate(generate)
+            metrics = evaluate(run.generate)
         generator.train()
         row = {
             "generator_updates": generator_updates(iterations, cfg.fake_score_update_ratio),
@@ -268,7 +299,7 @@ def run_distillation(
     start = time.perf_counter()
     path = None
     if MethodPlan.uses_path(cfg.method):
-        path = record_path(workdir.name, teacher, generate, schedule, cfg, next_batch, rng)
+        path = record_path(workdir.name, teacher, schedule, cfg, run)
         history.node_steps = [n.step for n in path.nodes[1:]]
         history.stage1_iterations = cfg.degradation_steps
     history.stage1_seconds = time.perf_counter() - start
@@ -293,9 +324,10 @@ def run_distillation(
 
     evaluate_now(0, seconds[0], (num_nodes - 2) if num_nodes > 1 else 0)
     clock[0] = time.perf_counter()
-    backtrack(generator, generate, fake, lambda cond: teacher_score, switcher, num_nodes, schedule, cfg, next_batch,
-              rng, after_iteration)  # fmt: skip
+    backtrack(generator, run.generate, fake, lambda cond: teacher_score, switcher, num_nodes, schedule, cfg,
+              run.next_batch, run.rng, after_iteration)  # fmt: skip
     workdir.cleanup()
+    history.samples = getattr(evaluate, "last", None)
     return history
 
 
@@ -354,24 +386,221 @@ def backtrack(
     return backtracking
 
 
-# ---------------------------------------------------------------------------------------------------- results
+# ------------------------------------------------------------------------------------------------------- harness
 
 
-def write_section(section: str, text: str, path: str, title: str, markers: tuple[str, str] = ("", "/")) -> None:
-    """
-    Replaces (or appends) the block `<!-- {markers[0]}section -->...<!-- {markers[1]}section -->` of the markdown
-    results file `path` (created with the heading `title`), leaving the other blocks alone.
-    """
-    begin, end = f"<!-- {markers[0]}{section} -->", f"<!-- {markers[1]}{section} -->"
-    old = open(path, encoding="utf-8").read() if os.path.isfile(path) else title.rstrip() + "\n"
-    block = f"{begin}\n{text.strip()}\n{end}"
-    if begin in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
+@dataclass
+class Mode:
+    """One mode of a convergence benchmark, by keyword: seeds, generator inits, the `DistillConfig` settings of every
+    run (`DisBackConfig` names and units: counts in stage-2 iterations) and the task's own settings."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    inits: tuple[str, ...] = ("teacher", "scratch")
+    distill: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)  # the task's settings (teacher size, evaluation size, cache, ...)
+    datasets: tuple[str, ...] = ()  # toy2d: which mixtures
+
+    def config(self, **overrides) -> DistillConfig:
+        return DistillConfig(**{**self.distill, **overrides})
+
+    def updated(self, **distill) -> Mode:
+        """The mode with some `DistillConfig` settings changed (those given as None are kept)."""
+        return replace(self, distill={**self.distill, **{k: v for k, v in distill.items() if v is not None}})
+
+
+def distill(task, cfg: DistillConfig) -> History:
+    """One run of `task` through [`run_distillation`]; the history keeps the task's final samples."""
+    sample_cond, uncond = task.sample_cond, task.uncond(cfg.train_batch_size)
+    return run_distillation(task.teacher, task.schedule, cfg, sample_cond, task.evaluator(cfg.seed), uncond)
+
+
+def run_grid(task, mode: Mode, variants: dict, log) -> dict[object, list[History]]:
+    """Each variant (`DistillConfig` overrides of the mode) over the mode's seeds, the variants interleaved per seed so
+    that a change in machine load hits all of them alike."""
+    runs = {key: [] for key in variants}
+    for seed in mode.seeds:
+        for key, overrides in variants.items():
+            t0 = time.perf_counter()
+            h = distill(task, mode.config(**{"seed": seed, **overrides}))
+            runs[key].append(h)
+            first, last, took = h.rows[0][task.main], final(h, task.main, task.final_last), time.perf_counter() - t0
+            log(f"{task.name} {key} seed {seed}: {task.main} {first:.3f} -> {last:.3f} ({took:.1f} s)")
+    return runs
+
+
+def compare(task, mode: Mode, log, **overrides) -> dict[tuple[str, str], list[History]]:
+    """The three methods from each of the mode's generator inits: `{(init, method): [History per seed]}`."""
+    variants = {(i, m): {"method": m, "generator_init": i, **overrides} for i in mode.inits for m in METHODS}
+    return run_grid(task, mode, variants, log)
+
+
+def final(history: History, metric: str, last: int = 1) -> float:
+    return statistics.fmean(row[metric] for row in history.rows[-last:])
+
+
+def mean_std(values: list[float], fmt: str = "{:.3f}") -> str:
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.fmean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def reach_ratios(task, dmd: list[History], runs: list[History], x: str = "iterations") -> list[float | None]:
+    """Per seed: the first `x` (iterations or seconds) at which a run reaches DMD's final quality, over DMD's own."""
+    out = []
+    for base, run in zip(dmd, runs):
+        goal = TOLERANCE * final(base, task.main, 2)
+        mine = run.first_reaching(task.main, goal, x=x)
+        out.append(None if mine is None else mine / base.first_reaching(task.main, goal, x=x))
+    return out
+
+
+def summary_cells(task, runs: list[History], dmd: list[History] | None) -> list[str]:
+    """Ratios to DMD (mean ± std, per seed, never-reached count), final metrics (mean ± std) and wall time."""
+    if dmd is None:
+        cells = ["1 (reference)", "1 (reference)", "—", "0"]
     else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(new)
+        ratios, seconds = reach_ratios(task, dmd, runs), reach_ratios(task, dmd, runs, "seconds")
+        reached = [r for r in ratios if r is not None]
+        per_seed = ", ".join("never" if r is None else f"{r:.2f}" for r in ratios)
+        cells = [mean_std(reached, "{:.2f}"), mean_std([s for s in seconds if s is not None], "{:.2f}"), per_seed]
+        cells.append(str(len(ratios) - len(reached)))
+    for key, _, fmt in task.metrics:
+        cells.append(mean_std([final(h, key, task.final_last if key == task.main else 1) for h in runs], fmt))
+    cells.append(mean_std([h.rows[0][task.main] for h in runs], task.metrics[0][2]))
+    cells += [mean_std([h.rows[-1]["seconds"] for h in runs], "{:.1f}"), str(runs[0].rows[-1]["iterations"])]
+    return cells
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def summary_table(task, runs: dict, dmd: Callable, first: list[str], extra: dict | None = None) -> str:
+    """One row per key of `runs` (its first cells: the key, or the items of a tuple key) against the DMD runs
+    `dmd(key)` (None: the row is the reference); `extra` maps more columns to `runs -> cell`."""
+    extra = extra or {}
+    header = [*first, "iters to DMD final ÷ DMD (mean ± std)", "wall to DMD final ÷ DMD", "per seed", "never reached",
+              *[f"final {label}" for _, label, _ in task.metrics], f"initial {task.metrics[0][1]}", "wall s (total)",
+              "total iters", *extra]  # fmt: skip
+    rows = [[*(key if isinstance(key, tuple) else (key,)), *summary_cells(task, hs, dmd(key)),
+             *(cell(hs) for cell in extra.values())] for key, hs in runs.items()]  # fmt: skip
+    return markdown_table(header, rows)
+
+
+def method_table(task, runs: dict[tuple[str, str], list[History]]) -> str:
+    """The runs of [`compare`]: per generator init, DMD (the reference), DisBack and warm."""
+    return summary_table(task, runs, lambda k: None if k[1] == "dmd" else runs[(k[0], "dmd")], ["G init", "method"])
+
+
+def _until_teacher(hs: list[History]) -> str:
+    """Generator updates until the target is the teacher (the first evaluation there), and how many runs never."""
+    updates = [next((r["generator_updates"] for r in h.rows if r["target_node"] == 0), None) for h in hs]
+    reached = [float(u) for u in updates if u is not None]
+    return mean_std(reached, "{:.0f}") + (f", {len(hs) - len(reached)} never" if len(reached) < len(hs) else "")
+
+
+SWEEP_COLUMNS = {"stage-1 nodes": lambda hs: str(hs[0].node_steps), "updates until target = teacher": _until_teacher}
+
+
+def sweep(task, mode: Mode, variants: dict[str, dict], log, **base) -> str:
+    """DMD and each variant of DisBack (`DistillConfig` overrides, e.g. `{"method": "warm"}` for the warm control)
+    from each of the mode's generator inits; the markdown tables."""
+    parts = []
+    for init in mode.inits:
+        rows = {"DMD": {"method": "dmd"}, **variants}
+        grid = {label: {"method": "disback", "generator_init": init, **base, **ov} for label, ov in rows.items()}
+        runs = run_grid(task, mode, grid, log)
+        dmd = runs["DMD"]
+        table = summary_table(task, runs, lambda k, dmd=dmd: None if k == "DMD" else dmd, ["variant"], SWEEP_COLUMNS)
+        parts.append(f"**{task.name}, generator from {init}**\n\n{table}")
+    return "\n\n".join(parts)
+
+
+def reach_cell(task, dmd: list[History], runs: list[History]) -> str:
+    ratios = reach_ratios(task, dmd, runs)
+    reached = [r for r in ratios if r is not None]
+    never = len(ratios) - len(reached)
+    if not reached:
+        return f"never ({never} of {never} seeds)"
+    return mean_std(reached, "{:.2f}") + (f" ({never} of {len(ratios)} seeds never reached it)" if never else "")
+
+
+def docs_summary(task, rows: list[tuple[str, dict[str, list[History]], str]], first: str = "case") -> str:
+    """The table docs/benchmarks.md shows: per `(label, {method: runs}, note)`, DisBack's and warm's iterations to
+    DMD's final quality over DMD's and the mean final `task.summary_metrics` of the three methods."""
+    header = [first, "DisBack / DMD (iterations)", "warm / DMD"]
+    header += [f"final {label} DMD / DisBack / warm" for _, label, _ in task.summary_metrics]
+    table = []
+    for label, runs, note in rows:
+        cells = [label, reach_cell(task, runs["dmd"], runs["disback"]), reach_cell(task, runs["dmd"], runs["warm"])]
+        for key, _, fmt in task.summary_metrics:
+            last = task.final_last if key == task.main else 1
+            means = [statistics.fmean(final(h, key, last) for h in runs[m]) for m in METHODS]
+            cells.append(" / ".join(fmt.format(v) for v in means))
+        cells[-1] += note
+        table.append(cells)
+    return markdown_table(header, table)
+
+
+def settings_text(mode: Mode, task_text: str) -> str:
+    cfg = asdict(mode.config())
+    keys = ("max_train_steps", "fake_score_update_ratio", "train_batch_size", "learning_rate", "fake_learning_rate",
+            "degradation_learning_rate", "degradation_steps", "num_path_nodes", "path_node_spacing",
+            "backtrack_interval", "backtrack_rule", "fake_score_init", "path_node_type", "intermediate_cfg",
+            "min_step_percent", "max_step_percent", "conditioning_timestep", "eval_steps")  # fmt: skip
+    shown = ", ".join(f"`{k}={cfg[k]}`" for k in keys)
+    r = cfg["fake_score_update_ratio"]
+    return (
+        f"Settings (`DisBackConfig` names; counts in stage-2 iterations, the generator updated on every {r}th: "
+        f"{cfg['max_train_steps'] // r} generator updates, the target advancing every "
+        f"{cfg['backtrack_interval'] // r}, evaluation every {cfg['eval_steps'] // r}): {shown}; {task_text}; "
+        f"seeds {list(mode.seeds)} (generator init and training noise). The loop is the library's (`DegradationStep`, "
+        f"`BacktrackingStep`) in the reference code's order: on every {r}th iteration the generator is updated first, "
+        "then the fake score on the same samples, detached; the schedule ticks once per iteration. Iterations count "
+        "stage-2 iterations + stage-1 steps; wall time includes stage 1 (evaluation excluded)."
+    )
+
+
+def plot_curves(panels: dict[str, dict], metrics: list[tuple[str, str]], file: str, log_scale: bool = False) -> None:
+    """`metrics` (`(key, label)`, one row each; the first on a log scale if `log_scale`) vs total iterations (stage 1
+    included), mean over seeds with a min-max band; one column per panel (`{title: {method: runs}}`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(metrics), len(panels), figsize=(4.5 * len(panels), 3.4 * len(metrics)), squeeze=False)
+    for col, (title, by_method) in enumerate(panels.items()):
+        for row, (key, label) in enumerate(metrics):
+            ax = axes[row, col]
+            for method, runs in by_method.items():
+                xs = [r["iterations"] for r in runs[0].rows]
+                ys = torch.tensor([[r[key] for r in h.rows] for h in runs])
+                line = ax.plot(xs, ys.mean(0), label=method)[0]
+                ax.fill_between(xs, ys.min(0).values, ys.max(0).values, color=line.get_color(), alpha=0.2)
+            if row == 0 and log_scale:
+                ax.set_yscale("log")
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("total iterations (stage 1 included)")
+            ax.set_ylabel(label)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(file, dpi=100)
+    plt.close(fig)
+
+
+def logger():
+    """`log(message)`, prefixed with the seconds since this call."""
+    start = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - start:7.1f} s] {message}", flush=True)
+
+    log.start = start
+    return log
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -388,14 +617,54 @@ def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, num_projections: int = 
     return float((px - py).abs().mean())
 
 
-def frechet_distance(feat_x: torch.Tensor, feat_y: torch.Tensor) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (the FID formula), in float64."""
-    x, y = feat_x.double(), feat_y.double()
-    mu_x, mu_y = x.mean(0), y.mean(0)
-    cov_x, cov_y = torch.cov(x.T), torch.cov(y.T)
-    # sqrt of cov_x cov_y via the symmetric form sqrt(A^1/2 B A^1/2)
-    vals, vecs = torch.linalg.eigh(cov_x)
-    sqrt_x = vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
-    mid = sqrt_x @ cov_y @ sqrt_x
-    mid_vals = torch.linalg.eigvalsh((mid + mid.T) / 2).clamp_min(0)
-    return float(((mu_x - mu_y) ** 2).sum() + torch.trace(cov_x) + torch.trace(cov_y) - 2 * mid_vals.sqrt().sum())
+# ---------------------------------------------------------------------------------------------------- results
+
+
+def write_section(section: str, text: str, path: str, title: str) -> None:
+    """
+    Replaces (or appends) the block `<!-- section -->...<!-- /section -->` of the markdown results file `path`
+    (created with the heading `title`), leaving the other blocks alone; then `update_docs()`.
+    """
+    begin, end = f"<!-- {section} -->", f"<!-- /{section} -->"
+    old = open(path, encoding="utf-8").read() if os.path.isfile(path) else title.rstrip() + "\n"
+    block = f"{begin}\n{text.strip()}\n{end}"
+    if begin in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(new)
+    update_docs()
+
+
+def read_section(path: str, section: str) -> str:
+    text = open(path, encoding="utf-8").read()
+    begin, end = f"<!-- {section} -->", f"<!-- /{section} -->"
+    if begin not in text or end not in text:
+        raise KeyError(f"{path} has no section {section!r}")
+    return text[text.index(begin) + len(begin) : text.index(end)].strip()
+
+
+# <!-- generated from benchmarks/results/NAME.md#SECTION ... -->, the block, <!-- end of benchmarks/results/NAME.md#SECTION -->
+_DOCS_BLOCK = re.compile(
+    r"(<!-- generated from benchmarks/results/([\w.-]+)#([\w-]+)[^>]*-->\n)(.*?)(\n<!-- end of benchmarks/results/\2#\3 -->)",
+    re.S,
+)
+
+
+def update_docs(docs: str = DOCS) -> bool:
+    """Rewrites every generated block of `docs` from the results section it names; True if the file changed."""
+    old = open(docs, encoding="utf-8").read()
+    new = _DOCS_BLOCK.sub(lambda m: m[1] + read_section(os.path.join(RESULTS_DIR, m[2]), m[3]) + m[5], old)
+    if new != old:
+        with open(docs, "w", encoding="utf-8") as f:
+            f.write(new)
+    return new != old
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="benchmarks' shared code; run it to regenerate the docs' tables")
+    parser.add_argument("--update-docs", action="store_true", help=f"copy the results tables into {DOCS}")
+    if parser.parse_args().update_docs:
+        print(f"{DOCS}: {'updated' if update_docs() else 'unchanged'}")

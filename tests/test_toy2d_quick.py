@@ -33,9 +33,9 @@ def test_generators_improve(toy2d, quick):
     for case, by_method in out["results"].items():
         assert set(by_method) == {"dmd", "disback", "warm"}
         for method, runs in by_method.items():
-            assert len(runs) == toy2d.QUICK.seeds
+            assert len(runs) == len(toy2d.QUICK.seeds)
             for history in runs:
-                first, last = history.rows[0]["swd"], toy2d.final_metric(history)
+                first, last = history.rows[0]["swd"], toy2d.common.final(history, "swd", 2)
                 assert last < first, f"{case} {method}: SWD {first:.3f} -> {last:.3f}"
                 if method != "disback":  # DisBack spends a third of the quick run on intermediate targets
                     assert last < 0.9 * first, f"{case} {method}: SWD {first:.3f} -> {last:.3f}"
@@ -43,8 +43,8 @@ def test_generators_improve(toy2d, quick):
 
 def test_backtracking_walks_to_the_teacher_and_counts_stage1(toy2d, quick):
     (out, _) = quick
-    budget = toy2d.QUICK
-    r = toy2d.DistillConfig().fake_score_update_ratio
+    budget = toy2d.QUICK.config()  # the quick mode's settings, in DisBackConfig's names
+    r = budget.fake_score_update_ratio
     for by_method in out["results"].values():
         for history in by_method["disback"]:
             targets = [row["target_node"] for row in history.rows]
@@ -99,7 +99,7 @@ def test_degradation_path_nodes_are_distinct_snapshots(toy2d, quick, tmp_path):
     setup = out["setups"]["8gaussians"]
     teacher, schedule = setup.teacher, setup.schedule
     torch.manual_seed(0)
-    generator = EpsMLP(2, toy2d.QUICK.hidden).eval()  # a scratch generator: far from the teacher
+    generator = EpsMLP(2, toy2d.QUICK.data["hidden"]).eval()  # a scratch generator: far from the teacher
     degrading = copy.deepcopy(teacher).requires_grad_(True)
     path = DegradationPath.create(tmp_path / "path", teacher)
     opt = torch.optim.AdamW(degrading.parameters(), lr=1e-3)
