@@ -41,6 +41,10 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/inference.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/train_step.py
 
+# the docs' result tables, copied from the committed benchmarks/results/*.md (a benchmark's run updates both)
+docs-results: $(STAMP)
+	$(PY) benchmarks/common.py --update-docs
+
 style: $(STAMP)
 	$(VENV)/bin/ruff format src tests benchmarks examples
 	$(VENV)/bin/ruff check --fix src tests benchmarks examples

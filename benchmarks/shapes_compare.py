@@ -5,8 +5,8 @@ with accuracy curves over iterations and wall time with stage 1 counted.
     python benchmarks/shapes_compare.py                                  # 3 methods x 3 seeds x 2 inits (~90 min, 2 cores)
     python benchmarks/shapes_compare.py --seeds 0 --inits teacher        # one seed, teacher-initialised
 
-Every run is `examples/train_disback/train_disback_sdxl.py`, unchanged, with the settings of
-`examples/shapes/distill_and_judge.py` (docs/tutorial_shapes.md). Per seed and initialisation:
+Every run is `examples/train_disback/train_disback_sdxl.py`, unchanged, with the shapes recipe
+(`diffusers_disback.shapes.distill_arguments`, docs/tutorial_shapes.md). Per seed and initialisation:
 
 1. stage 1 once (`--stage degradation`, 200 steps, a node every 50): DisBack's path, which the warm control reuses
    (the same cost is charged to both);
@@ -32,14 +32,13 @@ import sys
 import time
 
 import torch
+from common import write_section
+
+from diffusers_disback.shapes import SHOWCASE_CAPTIONS, distill_arguments, write_prompts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SCRIPT = os.path.join(ROOT, "examples", "train_disback", "train_disback_sdxl.py")
-sys.path.insert(0, os.path.join(ROOT, "examples", "shapes"))
-from distill_and_judge import DEMO_PROMPTS, SETTINGS  # noqa: E402
-
-from diffusers_disback.shapes import write_prompts  # noqa: E402
 
 METHODS = ("dmd", "disback", "warm")
 
@@ -65,8 +64,8 @@ def run_script(args, out: str, extra: list[str]) -> float:
         with open(marker) as f:
             return json.load(f)["seconds"]
     cmd = [sys.executable, SCRIPT, "--pretrained_teacher_model", args.teacher, "--output_dir", out,
-           "--train_data_files", args.prompts, "--validation_prompts", *DEMO_PROMPTS[:4], *SETTINGS,
-           "--max_train_steps", str(args.max_train_steps), "--report_to", "none", *extra]  # fmt: skip
+           "--train_data_files", args.prompts, "--validation_prompts", *SHOWCASE_CAPTIONS[:4],
+           *distill_arguments(max_train_steps=args.max_train_steps, report_to="none"), *extra]  # fmt: skip
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
     seconds = time.perf_counter() - start
@@ -163,10 +162,32 @@ def _mean_sd(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def _groups(args, runs: list[dict]):
+    """`(init, method, runs)` for each initialisation and method that has runs, in the arguments' order."""
+    for init in args.inits:
+        for method in args.methods:
+            rs = [r for r in runs if r["init"] == init and r["method"] == method]
+            if rs:
+                yield init, method, rs
+
+
+def _curve_table(args, runs: list[dict], name=str, step="{}".format) -> list[str]:
+    """The in-training all-attribute accuracy, mean over seeds, by stage-2 iteration."""
+    steps = sorted({p["stage_step"] for r in runs for p in r["curve"]})
+    lines = ["| init | method | " + " | ".join(step(s) for s in steps) + " |"]
+    lines.append("| --- | --- | " + " | ".join("---:" for _ in steps) + " |")
+    for init, method, rs in _groups(args, runs):
+        cells = []
+        for s in steps:
+            vals = [p["eval/shapes_accuracy"] for r in rs for p in r["curve"] if p["stage_step"] == s]
+            cells.append(f"{statistics.mean(vals):.3f}" if vals else "")
+        lines.append(f"| {init} | {name(method)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(args, teacher: dict, runs: list[dict]) -> None:
+    """The full tables (section `record` of `--report`) and the summary that docs/benchmarks.md shows (`summary`)."""
     lines = [
-        "# Shapes: DMD, DisBack and the warm control through the SDXL script",
-        "",
         f"`python benchmarks/shapes_compare.py --seeds {' '.join(map(str, args.seeds))} --inits {' '.join(args.inits)}`"
         f" — {args.max_train_steps} stage-2 iterations; mean ± sd over seeds; wall times of the whole invocation "
         "(model loading included, in-training evaluation included in stage 2), measured in this run.",
@@ -179,41 +200,58 @@ def write_report(args, teacher: dict, runs: list[dict]) -> None:
         "| held-out captions | FD to the teacher (judge features) | wall time, stage 1 + stage 2 (s) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for init in args.inits:
-        for method in args.methods:
-            rs = [r for r in runs if r["init"] == init and r["method"] == method]
-            if not rs:
-                continue
-            f = [r["final"] for r in rs]
-            walls = [r["stage1_seconds"] + r["stage2_seconds"] for r in rs]
-            lines.append(
-                f"| {init} | {method} | {len(rs)} | {rs[0]['stage1_steps']} + {rs[0]['stage2_iterations']} "
-                f"| {_mean_sd([x['shapes_accuracy'] for x in f])} "
-                f"| {_mean_sd([x['shapes_accuracy_training_captions'] for x in f])} "
-                f"| {_mean_sd([x['shapes_accuracy_held_out_captions'] for x in f])} "
-                f"| {_mean_sd([x['shapes_fd'] for x in f], 1)} "
-                f"| {statistics.mean(r['stage1_seconds'] for r in rs):.0f} + "
-                f"{statistics.mean(r['stage2_seconds'] for r in rs):.0f} = {statistics.mean(walls):.0f} |"
-            )
+    for init, method, rs in _groups(args, runs):
+        f = [r["final"] for r in rs]
+        walls = [r["stage1_seconds"] + r["stage2_seconds"] for r in rs]
+        lines.append(
+            f"| {init} | {method} | {len(rs)} | {rs[0]['stage1_steps']} + {rs[0]['stage2_iterations']} "
+            f"| {_mean_sd([x['shapes_accuracy'] for x in f])} "
+            f"| {_mean_sd([x['shapes_accuracy_training_captions'] for x in f])} "
+            f"| {_mean_sd([x['shapes_accuracy_held_out_captions'] for x in f])} "
+            f"| {_mean_sd([x['shapes_fd'] for x in f], 1)} "
+            f"| {statistics.mean(r['stage1_seconds'] for r in rs):.0f} + "
+            f"{statistics.mean(r['stage2_seconds'] for r in rs):.0f} = {statistics.mean(walls):.0f} |"
+        )
     lines += ["", "Curves: one-step all-attribute accuracy (every caption, the in-training evaluation), mean over "
-              "seeds, by stage-2 iteration.", ""]  # fmt: skip
-    steps = sorted({p["stage_step"] for r in runs for p in r["curve"]})
-    lines.append("| init | method | " + " | ".join(str(s) for s in steps) + " |")
-    lines.append("| --- | --- | " + " | ".join("---:" for _ in steps) + " |")
-    for init in args.inits:
-        for method in args.methods:
-            rs = [r for r in runs if r["init"] == init and r["method"] == method]
-            if rs:
-                cells = []
-                for s in steps:
-                    vals = [p["eval/shapes_accuracy"] for r in rs for p in r["curve"] if p["stage_step"] == s]
-                    cells.append(f"{statistics.mean(vals):.3f}" if vals else "")
-                lines.append(f"| {init} | {method} | " + " | ".join(cells) + " |")
-    os.makedirs(os.path.dirname(args.report), exist_ok=True)
-    with open(args.report, "w") as f:
-        f.write("\n".join(lines) + "\n")
+              "seeds, by stage-2 iteration.", "", *_curve_table(args, runs)]  # fmt: skip
+    title = "# Shapes: DMD, DisBack and the warm control through the SDXL script"
+    write_section("record", "\n".join(lines), args.report, title)
+    write_section("summary", summary(args, teacher, runs), args.report, title)
     print("\n".join(lines))
     plot(args, runs)
+
+
+NAMES = {"dmd": "DMD", "disback": "DisBack", "warm": "warm control"}
+
+
+def summary(args, teacher: dict, runs: list[dict]) -> str:
+    """Final numbers (means; ± sd of the all-attribute accuracy) next to the teacher's and the undistilled
+    generator's, and the curves."""
+    mean = statistics.mean
+    t = [teacher[f"shapes_accuracy{k}"] for k in ("", "_training_captions", "_held_out_captions")]
+    lines = [
+        "| init | method | stage-1 steps + stage-2 iterations | all-attribute accuracy (mean ± sd, "
+        f"{len(args.seeds)} seeds) | training captions | held-out captions | FD to the teacher | wall time, stage 1 + "
+        "stage 2 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| – | teacher, 25 steps, CFG 5 | – | {t[0]:.3f} | {t[1]:.3f} | {t[2]:.3f} | – | – |",
+    ]
+    for init, method, rs in _groups(args, runs):
+        if init == "teacher" and method == args.methods[0]:
+            before = mean(r["curve"][0]["eval/shapes_accuracy"] for r in runs if r["init"] == "teacher")
+            lines.append(f"| teacher | (no training: the teacher in one step) | 0 | {before:.3f} | | | | |")
+        f = [r["final"] for r in rs]
+        s1, s2 = mean(r["stage1_seconds"] for r in rs), mean(r["stage2_seconds"] for r in rs)
+        lines.append(
+            f"| {init} | {NAMES[method]} | {rs[0]['stage1_steps']} + {rs[0]['stage2_iterations']:,} "
+            f"| {_mean_sd([x['shapes_accuracy'] for x in f])} "
+            f"| {mean(x['shapes_accuracy_training_captions'] for x in f):.3f} "
+            f"| {mean(x['shapes_accuracy_held_out_captions'] for x in f):.3f} | {mean(x['shapes_fd'] for x in f):.1f} "
+            f"| {s1:.0f} + {s2:.0f} s = {mean(r['stage1_seconds'] + r['stage2_seconds'] for r in rs):.0f} s |"
+        )
+    lines += ["", f"One-step all-attribute accuracy during stage 2 (mean of {len(args.seeds)} seeds; the script's "
+              "in-training evaluation):", "", *_curve_table(args, runs, NAMES.get, "{:,}".format)]  # fmt: skip
+    return "\n".join(lines)
 
 
 def plot(args, runs: list[dict]) -> None:
