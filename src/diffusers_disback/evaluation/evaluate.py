@@ -224,7 +224,7 @@ class Scorer:
                 "FID needs reference images (the shapes FD too): pass a reference folder or a dataset with images "
                 "(or evaluate the CLIP score alone)"
             )
-        self.protocol, self.reference, self.device = protocol, reference, device
+        self.device = device
         self.feature_batch_size, self.progress = feature_batch_size, progress
         self.details: dict = {}
         self.fid: dict[str, tuple] = {}  # metric -> (transform, reference statistics)
