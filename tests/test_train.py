@@ -81,6 +81,10 @@ def test_both_stages_end_to_end(uninterrupted):
     assert pipe.scheduler.timesteps.tolist() == [499]
     card = (out / "final" / "README.md").read_text()
     assert "| path_nodes | 2 |" in card and "| generator_updates | 3 |" in card
+    # stage 1 profiled its path (docs/method.md, "The path profile"); the card shows where the nodes lay
+    assert [n["step"] for n in path.profile["nodes"]] == [0, 2, 4] and path.nodes[1].distance > 0
+    assert "## Degradation path" in card and "![path profile](path_profile.png)" in card and "| P2 | 4 |" in card
+    assert (out / "final" / "path_profile.png").stat().st_size > 5_000
     # the saved settings use the flags' names: one name per setting
     from diffusers_disback.distill import DisBackConfig
 

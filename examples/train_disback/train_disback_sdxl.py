@@ -24,6 +24,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -61,7 +62,8 @@ from diffusers_disback.distill import (
     one_step_sample,
     target_score,
 )
-from diffusers_disback.hub import save_for_hub
+from diffusers_disback.distill.profile import PathProfile, pairwise_distances, place_by_distance
+from diffusers_disback.hub import append_card_markdown, save_for_hub
 from diffusers_disback.images import image_grid
 from diffusers_disback.lora_export import RUN_ADAPTER_DIR, save_run_adapter
 from diffusers_disback.training import (
@@ -85,6 +87,7 @@ from diffusers_disback.training import (
     save_checkpoint,
     unet_eps_fn,
 )
+from diffusers_disback.training.path_profile import PROFILE_PLOT, SDXLPathProfiler, write_profile
 
 logger = get_logger(__name__)
 # the generator's LR schedule steps every stage-2 iteration, as the reference's does; torch warns when a schedule
@@ -189,6 +192,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--eval_dataset_split", default=None, help="default: train (local folder) / validation (Hub)")
     p.add_argument("--eval_num_prompts", type=int, default=256, help="captions (and reference images) to use")
+    p.add_argument(
+        "--eval_images_per_prompt",
+        type=int,
+        default=1,
+        help="images per caption (each its own seed): more images, less noise (shapes: 4 resolves 0.05 in accuracy)",
+    )
     p.add_argument("--eval_fid_resolution", type=int, default=None, help="default: min(512, --resolution)")
     p.add_argument(
         "--eval_feature_extractor",
@@ -530,7 +539,9 @@ def setup_evaluation(run: Run) -> dict:
             fid_resolution=args.eval_fid_resolution or min(512, args.resolution), patch_fid=False,
             clip_model=args.eval_clip_model, clip_pretrained=args.eval_clip_pretrained,
         )  # fmt: skip
-    setup = {"captions": captions.captions}
+    if args.eval_images_per_prompt < 1:
+        raise ValueError(f"--eval_images_per_prompt must be >= 1, got {args.eval_images_per_prompt}")
+    setup = {"captions": list(captions.captions) * args.eval_images_per_prompt}  # image i: seed i
     if not acc.is_main_process:
         return setup
     extractor = None if protocol.name == "shapes" else load_feature_extractor(args.eval_feature_extractor, acc.device)
@@ -597,9 +608,13 @@ def progress_bar(run: Run, total: int, desc: str):
 # -------------------------------------------------------------------------------------------------- 6. stage 1
 
 
-def open_path(run: Run, plan: ResumePlan, lora) -> DegradationPath | None:
-    """The path stage 1 writes (main process; None on the others): a new one, or, resumed, the existing one cut back
-    to the checkpoint's step. Refuses to overwrite a path it did not start."""
+CANDIDATES = "candidates"  # subfolder of --path_dir: the snapshots distance spacing chooses the nodes from
+
+
+def open_path(run: Run, plan: ResumePlan, lora) -> tuple[DegradationPath | None, DegradationPath | None]:
+    """The path stage 1 writes and, with distance spacing, the candidates it records (main process; None on the
+    others): new ones, or, resumed, the existing ones cut back to the checkpoint's step (the kept nodes are chosen
+    again at the end). Refuses to overwrite a path it did not start."""
     args, acc = run.args, run.accelerator
     has_path = os.path.exists(os.path.join(args.path_dir, "path_manifest.json"))
     acc.wait_for_everyone()  # every rank looks before the main process creates the path
@@ -611,29 +626,57 @@ def open_path(run: Run, plan: ResumePlan, lora) -> DegradationPath | None:
             "--path_dir, or --stage backtracking to use that path (nothing was overwritten)"
         )
     if not acc.is_main_process:
-        return None
+        return None, None
+    by_distance = run.config.path_node_spacing == "distance"
+    candidates_dir = os.path.join(args.path_dir, CANDIDATES)
     if has_path:
         path = DegradationPath.load(args.path_dir)
-        path.truncate(plan.path_truncation)  # nodes after the checkpoint are recorded again
-        return path
+        if not by_distance:
+            path.truncate(plan.path_truncation)  # nodes after the checkpoint are recorded again
+            return path, None
+        path.truncate(0)  # chosen from the candidates again at the end
+        candidates = DegradationPath.load(candidates_dir)
+        candidates.truncate(plan.path_truncation)
+        return path, candidates
     if resumed:
         raise FileNotFoundError(
             f"resuming stage 1 at step {plan.state.stage_step}, but {args.path_dir} holds no path: the nodes "
             "recorded before the checkpoint are gone. Restore the path folder or start stage 1 afresh."
         )
-    return DegradationPath.create(args.path_dir, run.frozen.teacher, kind=run.config.path_node_type, lora_config=lora)
+    kind, teacher = run.config.path_node_type, run.frozen.teacher
+    path = DegradationPath.create(args.path_dir, teacher, kind=kind, lora_config=lora)
+    if not by_distance:
+        return path, None
+    return path, DegradationPath.create(candidates_dir, teacher, kind=kind, lora_config=lora)
 
 
-def add_path_node(run: Run, path: DegradationPath | None, degrading, step: int) -> None:
-    """Gathers the degrading score's weights (every rank takes part) and writes them as the next node."""
+def path_profiler(run: Run, generator) -> SDXLPathProfiler | None:
+    """The probe of the path profile (every rank builds the same one: a live UNet is measured by all ranks), from
+    the first `--path_profile_prompts` captions of a stream of its own (the training stream does not move)."""
+    args, config = run.args, run.config
+    if config.path_profile_prompts < 1:
+        return None
+    prompts = PromptStream(
+        dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name, data_files=args.train_data_files,
+        caption_column=args.caption_column, streaming=not args.no_streaming, shuffle_buffer=args.shuffle_buffer,
+        seed=args.seed + 1,
+    ).take(config.path_profile_prompts)  # fmt: skip
+    return SDXLPathProfiler(run.frozen, generator, prompts, config, run.accelerator.device, seed=args.seed + 1)
+
+
+def add_path_node(run: Run, path: DegradationPath | None, degrading, step: int, distance: float | None) -> None:
+    """Gathers the degrading score's weights (every rank takes part) and writes them as the next node (or
+    candidate), with its measured distance to the teacher."""
     node_state = full_state_dict(run.accelerator, degrading)
     if run.config.degradation_gan:  # a node is the score; the head is not part of it
         node_state = FakeScoreWithHead.unet_state_dict(node_state)
     if run.config.path_node_type == "lora":
         node_state = lora_state_dict(node_state, LORA_ADAPTER)
     if run.accelerator.is_main_process:
-        node = path.add_node(node_state, step)
-        logger.info(f"path node {node.index} at stage-1 step {step} ({node.num_bytes / 2**20:.1f} MiB)")
+        node = path.add_node(node_state, step, distance=distance)
+        what = "candidate" if os.path.basename(path.directory) == CANDIDATES else "path node"
+        at = f", distance to the teacher {distance:.4f}" if distance is not None else ""
+        logger.info(f"{what} {node.index} at stage-1 step {step} ({node.num_bytes / 2**20:.1f} MiB{at})")
     run.accelerator.wait_for_everyone()
 
 
@@ -653,7 +696,8 @@ def run_degradation(run: Run, plan: ResumePlan) -> None:
         degrading.compile(backend=args.compile)
     if plan.resumes("degradation"):
         run.restore(plan, "degradation")
-    path = open_path(run, plan, lora_config(rank, SDXL_LORA_TARGETS) if rank else None)
+    path, candidates = open_path(run, plan, lora_config(rank, SDXL_LORA_TARGETS) if rank else None)
+    profiler = path_profiler(run, generator)
     step_fn = DegradationStep(
         generator=run.generate_fn(generator, autocast=False),  # frozen, held in the compute dtype
         degrading=Score(unet_eps_fn(degrading), run.frozen.noise_schedule),
@@ -662,7 +706,7 @@ def run_degradation(run: Run, plan: ResumePlan) -> None:
         autocast=acc.autocast,
         gan=gan_term(run, degrading) if config.degradation_gan else None,
     )
-    node_steps = config.node_steps()
+    node_steps, kept_predictions = config.node_steps(), None
     for _ in (progress := progress_bar(run, config.degradation_steps, "stage 1: degradation")):
         lr = lr_scheduler.get_last_lr()[0]  # the LR of this update
         logs = step_fn(run.batches())
@@ -671,7 +715,12 @@ def run_degradation(run: Run, plan: ResumePlan) -> None:
         run.state.global_step += 1
         step = run.state.stage_step
         if step in node_steps:
-            add_path_node(run, path, degrading, step)
+            distance = profiler.distance(degrading) if profiler else None
+            add_path_node(run, candidates or path, degrading, step, distance)
+            if distance is not None:
+                logs["distance_to_teacher"] = distance
+        if step == config.degradation_steps and candidates is not None and acc.is_main_process:
+            kept_predictions = keep_by_distance(run, profiler, path, candidates)
         run.log({f"degradation/{k}": v for k, v in {**logs, "lr": lr}.items()}, run.state.global_step)
         progress.set_postfix(loss=f"{logs['loss'].item():.4f}", nodes=len(path) if path else "-")
         if step % args.checkpointing_steps == 0 or step == config.degradation_steps:
@@ -679,11 +728,48 @@ def run_degradation(run: Run, plan: ResumePlan) -> None:
                 run.state.stage, run.state.stage_step = "backtracking", 0
             run.save_checkpoint()
     run.report_peak_memory("stage 1")
+    del degrading, optimizer
+    acc.free_memory()
+    if acc.is_main_process and path is not None:
+        if profiler is not None:
+            profile_recorded_path(run, profiler, path, candidates, kept_predictions)
+        if candidates is not None:
+            shutil.rmtree(
+                candidates.directory
+            )  # the kept nodes are linked into the path; the final checkpoint is safe
+    acc.wait_for_everyone()
     if acc.is_main_process and run.pusher:
         run.pusher.submit(args.path_dir, path_in_repo="path", commit_message="Degradation path (stage 1)")
     acc.wait_for_everyone()
-    del degrading, optimizer, generator
+    del generator, profiler
     acc.free_memory()
+
+
+def keep_by_distance(run: Run, profiler: SDXLPathProfiler, path: DegradationPath, candidates) -> list[torch.Tensor]:
+    """Distance spacing, at the last stage-1 step: of the candidates, the `--num_path_nodes` evenly spaced in distance
+    between neighbours become the path (written before the final checkpoint, so a resumed run chooses them again).
+    Returns the kept nodes' probe predictions (the teacher first), for the profile."""
+    predictions = profiler.node_predictions(candidates)
+    chosen = place_by_distance(pairwise_distances(predictions), run.config.num_path_nodes)
+    path.keep_nodes(candidates, chosen)
+    logger.info(
+        f"kept {len(chosen)} of {len(candidates) - 1} candidates, evenly spaced in distance: stage-1 steps "
+        f"{[n.step for n in path.nodes[1:]]}"
+    )
+    return [predictions[0]] + [predictions[i] for i in chosen]
+
+
+def profile_recorded_path(
+    run: Run, profiler: SDXLPathProfiler, path: DegradationPath, candidates, predictions
+) -> None:
+    """The path's profile at the end of stage 1: into the manifest, a plot beside it, TensorBoard and the log."""
+    profile = profiler.profile(path, candidates, predictions)
+    plot = write_profile(path, profile)
+    logger.info(f"path profile (plot: {plot}):\n{profile.table()}")
+    for node in profile.nodes[1:]:
+        values = {"to_teacher": node.to_teacher, "to_last": node.to_last, "to_previous": node.to_previous}
+        run.log({f"path_profile/{k}": v for k, v in values.items()}, node.step)
+    run.log({"path_profile/gap_ratio": profile.gap_ratio}, run.state.global_step)
 
 
 # -------------------------------------------------------------------------------------------------- 7. stage 2
@@ -864,12 +950,27 @@ def save_final(run: Run, generator, path: DegradationPath) -> None:
         )
         with open(os.path.join(final, "disback_config.json"), "w", encoding="utf-8") as f:
             f.write(run.config.to_json_string())
+        card_path_profile(path, final)
         if adapter:  # the LoRA users put on their own SDXL model (`disback export-lora`, docs/lora.md)
             save_run_adapter(adapter, os.path.join(final, RUN_ADAPTER_DIR), GENERATOR_ADAPTER)
         logger.info(f"final pipeline written to {final}")
         if run.pusher:
             run.pusher.submit(final, commit_message="DisBack one-step generator (final)")
     acc.wait_for_everyone()
+
+
+def card_path_profile(path: DegradationPath, final: str) -> None:
+    """The model card shows where the path's nodes lay: the profile's plot and table (when stage 1 profiled it)."""
+    plot = os.path.join(path.directory, PROFILE_PLOT)
+    if not path.profile or not os.path.isfile(plot):
+        return
+    shutil.copyfile(plot, os.path.join(final, PROFILE_PLOT))
+    text = (
+        "Where the targets of distribution backtracking lay: each node's distance to the teacher in score space "
+        "(the RMS difference of x0 estimates on a fixed probe of generator and teacher samples; docs/method.md, "
+        f'"The path profile").\n\n![path profile]({PROFILE_PLOT})\n\n{PathProfile.from_dict(path.profile).table()}'
+    )
+    append_card_markdown(final, "Degradation path", text)
 
 
 # ------------------------------------------------------------------------------------------------------------ main

@@ -251,6 +251,55 @@ def _model_id(args) -> str:
     return model + (f" (variant {args.variant})" if args.variant else "")
 
 
+def _path_profile(args) -> int:
+    import random
+
+    import torch
+
+    from .distill import DegradationPath, DisBackConfig
+    from .training import FrozenSDXL
+    from .training.path_profile import PROFILE_PLOT, SDXLPathProfiler, judge_nodes
+
+    path = DegradationPath.load(args.path)
+    if args.prompts:
+        with open(args.prompts, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    elif args.judge == "shapes":
+        from .shapes import all_scenes
+
+        prompts = [s.caption for s in all_scenes("train")]
+    else:
+        raise ValueError("give --prompts (a file, one caption per line): the probe's captions")
+    if len(prompts) > args.num_prompts:
+        prompts = random.Random(args.seed).sample(prompts, args.num_prompts)
+    device = args.device or ("cuda" if _cuda() else "cpu")
+    dtype = _dtype(args.dtype) or torch.float32
+    teacher = _model_source(args.teacher, "teacher")
+    resolution = args.resolution
+    if resolution is None:
+        from diffusers import UNet2DConditionModel
+
+        resolution = UNet2DConditionModel.load_config(teacher, subfolder="unet")["sample_size"] * 8
+    frozen = FrozenSDXL.from_pretrained(teacher, resolution, dtype, device)
+    generator = frozen.load_generator(args.generator).to(device, dtype)
+    config = DisBackConfig(
+        guidance_scale=args.guidance_scale, intermediate_cfg=args.intermediate_cfg,
+        conditioning_timestep=args.conditioning_timestep, path_profile_timesteps=args.timesteps,
+    )  # fmt: skip
+    profiler = SDXLPathProfiler(frozen, generator, prompts, config, device, seed=args.seed)
+    profile = profiler.profile(path)
+    if args.judge == "shapes":
+        profile.judge = judge_nodes(path, teacher, os.path.join(args.output or args.path, "path_profile_judge"))
+    out = args.output or args.path
+    os.makedirs(out, exist_ok=True)
+    plot = profile.plot(os.path.join(out, PROFILE_PLOT))
+    with open(os.path.join(out, "path_profile.json"), "w", encoding="utf-8") as f:
+        f.write(profile.to_json_string())
+    print(profile.table())
+    print(f"plot: {plot}\nprofile: {os.path.join(out, 'path_profile.json')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="disback",
@@ -382,6 +431,31 @@ def build_parser() -> argparse.ArgumentParser:
         "299] in [0, 255] to features (its FIDs compare only with its own; docs/evaluation.md)",
     )
     e.set_defaults(func=_evaluate)
+    pp = sub.add_parser(
+        "path-profile",
+        help="where a degradation path's nodes lie: each node's distance to the teacher, to the last node and to its "
+        "neighbour, in score space; a table and a plot (docs/method.md, 'The path profile')",
+    )
+    pp.add_argument("path", help="a path folder (path_manifest.json and its nodes)")
+    pp.add_argument("--teacher", required=True, help="the teacher the path was recorded from (Hub id or folder)")
+    pp.add_argument("--generator", default=None, help="the initial generator's UNet (default: the teacher's)")
+    pp.add_argument("--prompts", default=None, help="the probe's captions, one per line (default with --judge shapes: "
+                    "the shapes world's training captions)")  # fmt: skip
+    pp.add_argument("--num-prompts", type=int, default=32, help="captions of the probe (a random subset if more)")
+    pp.add_argument("--guidance-scale", type=float, default=8.0, help="the teacher's CFG, as in stage 2")
+    pp.add_argument("--intermediate-cfg", default="none", choices=("none", "node", "teacher"),
+                    help="how stage 2 guides intermediate nodes (--intermediate_cfg)")  # fmt: skip
+    pp.add_argument("--conditioning-timestep", type=int, default=399, help="the one-step generator's t_c")
+    pp.add_argument("--timesteps", type=int, default=8, help="timesteps of the probe over the DM range")
+    pp.add_argument("--resolution", type=int, default=None, help="default: the teacher UNet's sample size x 8")
+    pp.add_argument("--judge", default=None, choices=("shapes",),
+                    help="shapes: also sample each node as a diffusion model (25 Euler steps, CFG 5) and read it back "
+                    "with the shapes judge (accuracy, FD to the teacher's samples)")  # fmt: skip
+    pp.add_argument("--output", default=None, help="folder for path_profile.png and .json (default: the path folder)")
+    pp.add_argument("--seed", type=int, default=0, help="the probe's noise and caption subset")
+    pp.add_argument("--device", default=None)
+    pp.add_argument("--dtype", default=None, help="float32 (default) | float16 | bfloat16")
+    pp.set_defaults(func=_path_profile)
     return parser
 
 

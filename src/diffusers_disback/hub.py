@@ -316,12 +316,17 @@ def save_for_hub(
 def append_card_section(folder: str | os.PathLike, title: str, rows: dict, note: str = "") -> str:
     """Appends a `## title` section with a two-column table of `rows` (and a `note` under it) to the model card
     `folder/README.md`, e.g. evaluation numbers measured after the folder was written. Returns the card's path."""
-    path = os.path.join(os.fspath(folder), "README.md")
     table = "| metric | value |\n| --- | --- |\n" + "".join(
         f"| {k} | {f'{v:.3f}' if isinstance(v, float) else v} |\n" for k, v in rows.items()
     )
+    return append_card_markdown(folder, title, f"{table}\n{note.strip()}\n" if note else table)
+
+
+def append_card_markdown(folder: str | os.PathLike, title: str, markdown: str) -> str:
+    """Appends a `## title` section with `markdown` to the model card `folder/README.md`; returns the card's path."""
+    path = os.path.join(os.fspath(folder), "README.md")
     with open(path, "a", encoding="utf-8") as f:
-        f.write(f"\n## {title}\n\n{table}\n{note.strip()}\n" if note else f"\n## {title}\n\n{table}")
+        f.write(f"\n## {title}\n\n{markdown.rstrip()}\n")
     return path
 
 

@@ -237,7 +237,14 @@ def target_score(
         raise ValueError(f"intermediate_cfg must be one of {INTERMEDIATE_CFG}, got {intermediate_cfg!r}")
     if schedule.at_teacher:
         return teacher, guidance_scale
-    node = node_eps(schedule.target_node)
+    return node_target(node_eps(schedule.target_node), teacher, guidance_scale, intermediate_cfg)
+
+
+def node_target(node: EpsFn, teacher: Score, guidance_scale: float, intermediate_cfg: str) -> tuple[Score, float]:
+    """An intermediate path node `node` (its eps callable) as a distribution-matching target, with the CFG scale
+    `intermediate_cfg` gives it (see [`target_score`]); the path profile measures nodes the same way."""
+    if intermediate_cfg not in INTERMEDIATE_CFG:
+        raise ValueError(f"intermediate_cfg must be one of {INTERMEDIATE_CFG}, got {intermediate_cfg!r}")
     if intermediate_cfg == "none":
         return Score(node, teacher.schedule), 1.0
     uncond_fn = teacher.eps_fn if intermediate_cfg == "teacher" else None

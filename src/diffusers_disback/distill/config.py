@@ -44,7 +44,22 @@ class DisBackConfig:
     num_path_nodes: int | None = _setting(
         None, "instead of --path_interval: this many nodes, spaced by --path_node_spacing"
     )
-    path_node_spacing: str = _setting("uniform", "spacing of --num_path_nodes", ("uniform", "log"))
+    path_node_spacing: str = _setting(
+        "uniform",
+        "spacing of --num_path_nodes: uniform or log in stage-1 steps, or distance: record --path_candidates snapshots "
+        "and keep the nodes evenly spaced in their measured distance to the teacher (docs/method.md, 'The path "
+        "profile')",
+        ("uniform", "log", "distance"),
+    )
+    path_candidates: int | None = _setting(
+        None, "--path_node_spacing distance: snapshots stage 1 records to choose from (default 4 x --num_path_nodes)"
+    )
+    path_profile_prompts: int = _setting(
+        32,
+        "captions of the path profile's probe (one initial-generator and one teacher sample each): stage 1 measures "
+        "every node's distance to the teacher on it and profiles the path at its end; 0: no profile",
+    )
+    path_profile_timesteps: int = _setting(8, "timesteps of the path profile's probe, evenly spaced over the DM range")
     path_node_type: str = _setting(
         "full", "a node is the degrading score's full weights, or a LoRA adapter on the teacher", ("full", "lora")
     )
@@ -128,6 +143,17 @@ class DisBackConfig:
                 raise ValueError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
         if not 0 <= self.min_step_percent < self.max_step_percent <= 1:
             raise ValueError("need 0 <= min_step_percent < max_step_percent <= 1")
+        if self.path_node_spacing == "distance":
+            if not self.num_path_nodes:
+                raise ValueError("--path_node_spacing distance needs --num_path_nodes (how many nodes to keep)")
+            if self.path_profile_prompts < 1:
+                raise ValueError(
+                    "--path_node_spacing distance measures distances: --path_profile_prompts must be >= 1"
+                )
+            if self.path_candidates is not None and self.path_candidates < self.num_path_nodes:
+                raise ValueError(
+                    f"--path_candidates ({self.path_candidates}) must be >= --num_path_nodes ({self.num_path_nodes})"
+                )
         if self.fake_learning_rate is None:
             self.fake_learning_rate = self.learning_rate
         if self.degradation_learning_rate is None:
@@ -136,14 +162,21 @@ class DisBackConfig:
     # -------------------------------------------------------------------------------------------------- derived
 
     def node_steps(self) -> list[int]:
-        """The stage-1 steps after which a path node is taken."""
-        from .degradation import node_steps
+        """The stage-1 steps after which a path node is taken (distance spacing: a candidate node)."""
+        from .degradation import candidate_steps, node_steps
 
+        if self.path_node_spacing == "distance":
+            return candidate_steps(self.degradation_steps, self.num_candidates)
         if self.num_path_nodes:
             return node_steps(
                 self.degradation_steps, num_path_nodes=self.num_path_nodes, path_node_spacing=self.path_node_spacing
             )
         return node_steps(self.degradation_steps, path_interval=self.path_interval)
+
+    @property
+    def num_candidates(self) -> int:
+        """Candidate nodes distance spacing records (`path_candidates`, default 4 x `num_path_nodes`)."""
+        return self.path_candidates or 4 * (self.num_path_nodes or 1)
 
     def timestep_range(self, num_train_timesteps: int) -> tuple[int, int]:
         """`(min_step, max_step)` of the DM loss's `t` for a schedule of `num_train_timesteps`."""

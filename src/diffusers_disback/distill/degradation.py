@@ -8,7 +8,8 @@ On disk::
 
     path_dir/
       path_manifest.json     format, kind, teacher architecture fingerprint, LoRA config, nodes (index, step, kind,
-                             file, sha256, bytes)
+                             file, sha256, bytes, distance to the teacher when measured), the path's profile
+      path_profile.png       where the nodes lie (distance to the teacher vs stage-1 step), when profiled
       node_001.safetensors   P_1 (full state dict, or the LoRA adapter's weights)
       ...
 
@@ -46,7 +47,8 @@ class PathError(ValueError):
 
 @dataclass
 class PathNode:
-    """One node of the path: `index` 0 is the teacher (no file); `step` is the stage-1 step it was taken at."""
+    """One node of the path: `index` 0 is the teacher (no file); `step` is the stage-1 step it was taken at;
+    `distance` its distance to the teacher when it was recorded (`distill.profile`; None if not measured)."""
 
     index: int
     step: int
@@ -54,6 +56,7 @@ class PathNode:
     file: str | None = None
     sha256: str | None = None
     num_bytes: int = 0
+    distance: float | None = None
 
 
 @dataclass
@@ -68,6 +71,7 @@ class DegradationPath:
     architecture: dict
     nodes: list[PathNode] = field(default_factory=list)
     lora_config: dict | None = None
+    profile: dict | None = None  # `PathProfile.to_dict()`, once the path is profiled
     # node index -> (size, mtime) of its file when its sha256 was last checked: each node is hashed once
     _verified: dict[int, tuple[int, int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -97,14 +101,16 @@ class DegradationPath:
         path._write_manifest()
         return path
 
-    def add_node(self, model: torch.nn.Module | dict[str, torch.Tensor], step: int) -> PathNode:
+    def add_node(
+        self, model: torch.nn.Module | dict[str, torch.Tensor], step: int, distance: float | None = None
+    ) -> PathNode:
         """
         Snapshots the degrading copy `s_theta'` as the next node: its full state dict, or for a LoRA path the weights
         of its `degradation` adapter. `model` may also be that state dict already gathered (e.g. by
-        `accelerator.get_state_dict` under FSDP). Written atomically; returns the new node.
+        `accelerator.get_state_dict` under FSDP). `distance`: its measured distance to the teacher, kept in the
+        manifest. Written atomically; returns the new node.
         """
-        if step <= self.nodes[-1].step and len(self.nodes) > 1:
-            raise ValueError(f"node steps must increase: last node was at step {self.nodes[-1].step}, got {step}")
+        self._check_next_step(step)
         if isinstance(model, torch.nn.Module):
             if self.kind == "full":
                 state = model.state_dict()
@@ -126,10 +132,44 @@ class DegradationPath:
         file = f"node_{index:03d}.safetensors"
         target = os.path.join(self.directory, file)
         atomic_write(target, lambda tmp: save_file(state, tmp))  # no metadata: its order differs per process
-        node = PathNode(index, int(step), self.kind, file, _sha256(target), os.path.getsize(target))
+        node = PathNode(index, int(step), self.kind, file, _sha256(target), os.path.getsize(target), distance)
         self.nodes.append(node)
         self._write_manifest()
         return node
+
+    def _check_next_step(self, step: int) -> None:
+        if step <= self.nodes[-1].step and len(self.nodes) > 1:
+            raise ValueError(f"node steps must increase: last node was at step {self.nodes[-1].step}, got {step}")
+
+    def keep_nodes(self, candidates: DegradationPath, indices: list[int]) -> None:
+        """
+        Makes candidates `indices` (nodes of `candidates`, a densely recorded path of the same teacher) this path's
+        nodes, in order: each file is linked (or copied) after its sha256 is checked, and the manifest is written
+        once, after every file is in place. `candidates` is left as it was (remove it once this path is safe).
+        """
+        if candidates.kind != self.kind or candidates.architecture != self.architecture:
+            raise PathError("the candidates were recorded with another node kind or teacher than this path")
+        if len(self.nodes) > 1:
+            raise PathError(f"{self.directory} already has nodes; keep_nodes fills a path that has only the teacher")
+        nodes = list(self.nodes)
+        for i in indices:
+            source = candidates.nodes[i]
+            candidates._verify_node(source)
+            if nodes[-1].index and source.step <= nodes[-1].step:
+                raise ValueError(f"node steps must increase: {source.step} after {nodes[-1].step}")
+            file = f"node_{len(nodes):03d}.safetensors"
+            target = os.path.join(self.directory, file)
+            _link_or_copy(os.path.join(candidates.directory, source.file), target)
+            nodes.append(
+                PathNode(len(nodes), source.step, self.kind, file, source.sha256, source.num_bytes, source.distance)
+            )
+        self.nodes = nodes
+        self._write_manifest()
+
+    def set_profile(self, profile) -> None:
+        """Stores a `distill.profile.PathProfile` (or its dict) in the manifest."""
+        self.profile = profile if isinstance(profile, dict) else profile.to_dict()
+        self._write_manifest()
 
     def truncate(self, after_step: int) -> list[PathNode]:
         """
@@ -140,6 +180,7 @@ class DegradationPath:
         if not dropped:
             return []
         self.nodes = [n for n in self.nodes if n.index == 0 or n.step <= after_step]
+        self.profile = None  # of the nodes that were
         self._write_manifest()
         for node in dropped:
             file = os.path.join(self.directory, node.file)
@@ -154,6 +195,7 @@ class DegradationPath:
             "architecture": self.architecture,
             "lora_config": self.lora_config,
             "nodes": [asdict(n) for n in self.nodes],
+            "profile": self.profile,
         }
         atomic_write_text(os.path.join(self.directory, MANIFEST_NAME), json.dumps(manifest, indent=2) + "\n")
 
@@ -170,7 +212,10 @@ class DegradationPath:
             with open(manifest_path, encoding="utf-8") as f:
                 manifest = json.load(f)
             nodes = [PathNode(**n) for n in manifest["nodes"]]
-            path = cls(directory, manifest["kind"], manifest["architecture"], nodes, manifest.get("lora_config"))
+            path = cls(
+                directory, manifest["kind"], manifest["architecture"], nodes, manifest.get("lora_config"),
+                manifest.get("profile"),
+            )  # fmt: skip
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise PathError(f"{manifest_path} is not a valid path manifest ({type(e).__name__}: {e})") from e
         if manifest.get("format_version") != FORMAT_VERSION:
@@ -393,6 +438,18 @@ def _load_lora_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], ad
         )
 
 
+def _link_or_copy(source: str, target: str) -> None:
+    """`target` becomes a hard link to `source` (no bytes copied), or an atomic copy where links are not possible."""
+    if os.path.exists(target):
+        os.remove(target)
+    try:
+        os.link(source, target)
+    except OSError:
+        import shutil
+
+        atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+
+
 def _sha256(file: str) -> str:
     digest = hashlib.sha256()
     with open(file, "rb") as f:
@@ -443,3 +500,18 @@ def node_steps(
         else:
             raise ValueError(f"path_node_spacing must be 'uniform' or 'log', got {path_node_spacing!r}")
     return sorted({max(1, s) for s in steps} | {degradation_steps})
+
+
+def candidate_steps(degradation_steps: int, num_candidates: int) -> list[int]:
+    """
+    The stage-1 steps at which `path_node_spacing="distance"` records a candidate node: about half log-spaced (dense
+    early, where stage 1 moves fastest) and half evenly spaced, merged (a step both give is taken once); the last step
+    always. [`distill.profile.place_by_distance`] then keeps the nodes among them.
+    """
+    if num_candidates < 1:
+        raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+    n = min(num_candidates, degradation_steps)
+    n_log = max(2, (n + 1) // 2)
+    log = {round(degradation_steps ** (i / (n_log - 1))) for i in range(n_log)}  # 1 ... degradation_steps
+    uniform = node_steps(degradation_steps, num_path_nodes=max(1, n // 2), path_node_spacing="uniform")
+    return sorted(log | set(uniform))

@@ -1,0 +1,396 @@
+"""Where a degradation path's nodes lie: a distance between scores, the path's profile, and nodes placed by distance.
+
+DisBack's premise is a path of targets each a small step from the last (paper Sec. 3.2). Whether a recorded path is
+one is measured here, in score space, so it works for any teacher (docs/method.md, "The path profile"):
+
+    d(A, B) = sqrt( mean over the probe of (x0_hat_A(x_t, t, c) - x0_hat_B(x_t, t, c))^2 )
+
+`x0_hat` is a score's clean-sample estimate with the guidance stage 2 gives it (the teacher with CFG; an intermediate
+node as `--intermediate_cfg` says), and the probe is fixed: samples of the initial generator (one step) and of the
+teacher (a few-step sampler with CFG), each with its caption, noised at a grid of `t` over the distribution-matching
+loss's range with fixed noise. The DM gradient (Eq. 8) is the difference of two such estimates at noised generator
+samples, so replacing target B by target A changes the generator's update by `x0_hat_B - x0_hat_A` there (before
+DMD2's per-sample normalisation); the teacher's samples add the points the generator has to reach. On a fixed probe
+`d` is an L2 distance between functions: zero for a score against itself, symmetric, with the triangle inequality.
+
+- [`ScoreProbe`]: the fixed points, and the `x0_hat` of a score at them.
+- [`sample`]: the deterministic DDIM sampler that draws the teacher's probe samples.
+- [`PathProfile`]: every node's distance to the teacher, to the last node (the stage-1 fit of the initial
+  generator's distribution) and to its predecessor; a table and a plot.
+- [`place_by_distance`]: which of densely recorded candidates become the nodes, evenly spaced in distance between
+  neighbours.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .backtracking import node_target
+from .scores import EpsFn, NoiseSchedule, Score
+
+TargetFn = Callable[[Any], tuple[Score, float]]  # `cond -> (score, guidance_scale)`, as stage 2's target
+
+
+def index_cond(cond: Any, index: torch.Tensor | slice) -> Any:
+    """Rows `index` of a batch of conditioning: a tensor, a dict or list of tensors (e.g. SDXL's), or a list of
+    prompts."""
+    if isinstance(cond, torch.Tensor):
+        return cond[index]
+    if isinstance(cond, dict):
+        return {k: index_cond(v, index) for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        if cond and isinstance(cond[0], torch.Tensor):
+            return type(cond)(index_cond(v, index) for v in cond)
+        rows = range(len(cond))[index] if isinstance(index, slice) else index.tolist()
+        return [cond[i] for i in rows]
+    raise TypeError(f"cannot index conditioning of type {type(cond).__name__}")
+
+
+def cat_cond(conds: Sequence[Any]) -> Any:
+    """Batches of conditioning joined along the batch dimension (the inverse of [`index_cond`])."""
+    first = conds[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(conds))
+    if isinstance(first, dict):
+        return {k: cat_cond([c[k] for c in conds]) for k in first}
+    if isinstance(first, (list, tuple)) and first and isinstance(first[0], torch.Tensor):
+        return type(first)(cat_cond([c[i] for c in conds]) for i in range(len(first)))
+    return [x for c in conds for x in c]
+
+
+@torch.no_grad()
+def sample(
+    score: Score,
+    noise: torch.Tensor,
+    cond: Any,
+    guidance_scale: float = 1.0,
+    num_inference_steps: int = 25,
+) -> torch.Tensor:
+    """
+    Deterministic DDIM (eta = 0) from `x_{T-1} = noise` over `num_inference_steps` evenly spaced timesteps, each step
+    `x_{t'} = sqrt(abar_t') x0_hat + sqrt(1 - abar_t') eps_hat`; returns the final `x0_hat` (float32). The teacher's
+    probe samples are drawn with it, with the CFG scale the target uses.
+    """
+    schedule = score.schedule
+    T = schedule.num_train_timesteps
+    steps = torch.linspace(T - 1, 0, num_inference_steps + 1)[:-1].round().long().tolist()
+    x = noise.float()
+    for i, t in enumerate(steps):
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        eps = score.eps(x, tt, cond, guidance_scale).float()
+        x0 = schedule.x0_from_eps(x, eps, tt)
+        if i == len(steps) - 1:
+            return x0
+        nxt = torch.full_like(tt, steps[i + 1])
+        x = schedule.add_noise(x0, eps, nxt)
+    return x
+
+
+@dataclass
+class ScoreProbe:
+    """
+    The fixed points at which scores are compared: `samples` (the initial generator's, then the teacher's) noised at
+    `timesteps` with fixed noise. Build one with [`ScoreProbe.build`]; [`predictions`] gives a score's `x0_hat` there.
+
+    Args:
+        samples: `(M, C, H, W)` clean latents.
+        cond: their conditioning (batch `M`).
+        timesteps: the `t` grid, `(G,)`.
+        noise: `(G, M, C, H, W)`, one fixed draw per grid point and sample.
+        schedule: the teacher's [`NoiseSchedule`].
+        num_generator: how many of `samples` (the first) are the generator's.
+        batch_size: samples per network call.
+    """
+
+    samples: torch.Tensor
+    cond: Any
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    schedule: NoiseSchedule
+    num_generator: int
+    batch_size: int = 64
+
+    @classmethod
+    def build(
+        cls,
+        schedule: NoiseSchedule,
+        generator_samples: torch.Tensor,
+        teacher_samples: torch.Tensor,
+        cond: Any,
+        min_step: int,
+        max_step: int,
+        num_timesteps: int = 8,
+        seed: int = 0,
+        batch_size: int = 64,
+    ) -> ScoreProbe:
+        """
+        The probe of `generator_samples` and `teacher_samples` (both of the captions `cond`, so the probe's
+        conditioning is `cond` twice), noised at `num_timesteps` timesteps evenly spaced over `[min_step, max_step]`
+        with noise drawn from `seed`.
+        """
+        if generator_samples.shape != teacher_samples.shape:
+            raise ValueError(
+                f"generator and teacher samples must have one shape, got {tuple(generator_samples.shape)} and "
+                f"{tuple(teacher_samples.shape)}"
+            )
+        if num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+        samples = torch.cat([generator_samples, teacher_samples]).float()
+        timesteps = torch.linspace(min_step, max_step, num_timesteps).round().long()
+        rng = torch.Generator().manual_seed(seed)
+        noise = torch.randn((num_timesteps, *samples.shape), generator=rng).to(samples.device)
+        return cls(samples, cat_cond([cond, cond]), timesteps, noise, schedule, generator_samples.shape[0], batch_size)
+
+    @torch.no_grad()
+    def predictions(self, target: TargetFn) -> torch.Tensor:
+        """`x0_hat` at every probe point of the score `target(cond)` gives, with the CFG scale it gives (`cond ->
+        (score, guidance_scale)`, the form of stage 2's target): `(G, M, C, H, W)`, float32 on the CPU."""
+        out = torch.empty(self.noise.shape, dtype=torch.float32)
+        M = self.samples.shape[0]
+        for g, t in enumerate(self.timesteps.tolist()):
+            for start in range(0, M, self.batch_size):
+                rows = slice(start, min(start + self.batch_size, M))
+                x0 = self.samples[rows]
+                tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
+                x_t = self.schedule.add_noise(x0, self.noise[g, rows], tt)
+                score, guidance_scale = target(index_cond(self.cond, rows))
+                out[g, rows] = score.x0(x_t, tt, index_cond(self.cond, rows), guidance_scale).float().cpu()
+        return out
+
+
+def score_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """`d(A, B)`: the root-mean-square difference of two scores' [`ScoreProbe.predictions`]."""
+    return float((a.double() - b.double()).pow(2).mean().sqrt())
+
+
+@dataclass
+class NodeProfile:
+    """One node's place: `d` to the teacher, to the last node and to the node before it (0 for the teacher)."""
+
+    index: int
+    step: int
+    to_teacher: float
+    to_last: float
+    to_previous: float
+
+
+@dataclass
+class PathProfile:
+    """
+    Where a path's nodes lie in the distance of this module (see the module docstring). Build one with
+    [`PathProfile.from_predictions`]; `judge` optionally holds, per node, a shapes-world judge's reading of the node
+    sampled as a diffusion model (`{"accuracy": ..., "fd": ...}`).
+    """
+
+    nodes: list[NodeProfile]
+    guidance_scale: float
+    intermediate_cfg: str
+    candidates: list[dict] = field(default_factory=list)  # densely recorded steps: {"step", "to_teacher"}
+    judge: dict[int, dict] = field(default_factory=dict)
+
+    @classmethod
+    def from_predictions(
+        cls, steps: Sequence[int], predictions: Sequence[torch.Tensor], guidance_scale: float, intermediate_cfg: str
+    ) -> PathProfile:
+        """The profile of nodes `0..N` (node 0 the teacher) from their probe predictions, in node order."""
+        if len(steps) != len(predictions) or not predictions:
+            raise ValueError("need one stage-1 step and one prediction tensor per node, the teacher first")
+        last = predictions[-1]
+        nodes = [
+            NodeProfile(
+                index=i,
+                step=int(steps[i]),
+                to_teacher=score_distance(p, predictions[0]),
+                to_last=score_distance(p, last),
+                to_previous=score_distance(p, predictions[i - 1]) if i else 0.0,
+            )
+            for i, p in enumerate(predictions)
+        ]
+        return cls(nodes, float(guidance_scale), intermediate_cfg)
+
+    @property
+    def gaps(self) -> list[float]:
+        """`d(P_{i-1}, P_i)` for `i = 1..N`: the step each switch of the backtracking target takes."""
+        return [n.to_previous for n in self.nodes[1:]]
+
+    @property
+    def gap_ratio(self) -> float:
+        """The largest gap over the smallest (1 is an evenly spaced path; `inf` if two neighbours coincide)."""
+        gaps = self.gaps
+        if not gaps:
+            return 1.0
+        return max(gaps) / min(gaps) if min(gaps) > 0 else math.inf
+
+    def to_dict(self) -> dict:
+        return {
+            "measure": "rms difference of x0 estimates on the probe (docs/method.md, 'The path profile')",
+            "guidance_scale": self.guidance_scale,
+            "intermediate_cfg": self.intermediate_cfg,
+            "nodes": [asdict(n) for n in self.nodes],
+            "gap_ratio": self.gap_ratio,
+            "candidates": self.candidates,
+            "judge": {str(k): v for k, v in self.judge.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PathProfile:
+        profile = cls(
+            [NodeProfile(**n) for n in values["nodes"]],
+            values["guidance_scale"],
+            values["intermediate_cfg"],
+            list(values.get("candidates", [])),
+            {int(k): v for k, v in values.get("judge", {}).items()},
+        )
+        return profile
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def table(self) -> str:
+        """A markdown table: one row per node."""
+        judged = bool(self.judge)
+        head = "| node | stage-1 step | d to teacher | d to last node | d to previous |"
+        rule = "| ---: | ---: | ---: | ---: | ---: |"
+        if judged:
+            head += " judge accuracy | FD to teacher |"
+            rule += " ---: | ---: |"
+        lines = [head, rule]
+        for n in self.nodes:
+            name = "P0 (teacher)" if n.index == 0 else f"P{n.index}"
+            row = f"| {name} | {n.step} | {n.to_teacher:.4f} | {n.to_last:.4f} | " + (
+                f"{n.to_previous:.4f} |" if n.index else "– |"
+            )
+            if judged:
+                j = self.judge.get(n.index, {})
+                acc, fd = j.get("accuracy"), j.get("fd")
+                row += f" {acc:.3f} |" if acc is not None else " |"
+                row += f" {fd:.1f} |" if fd is not None else " |"
+            lines.append(row)
+        cfg = f"CFG {self.guidance_scale:g} on the teacher, intermediate nodes {self.intermediate_cfg!r}"
+        lines.append("")
+        lines.append(f"Largest gap between neighbours / smallest: {self.gap_ratio:.2f} ({cfg}).")
+        return "\n".join(lines)
+
+    def plot(self, file: str, title: str | None = None) -> str:
+        """Distance to the teacher against the stage-1 step: the candidates' curve (if recorded) and the nodes."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        if self.candidates:
+            cs = sorted(self.candidates, key=lambda c: c["step"])
+            ax.plot(
+                [0] + [c["step"] for c in cs], [0.0] + [c["to_teacher"] for c in cs], color="0.6", lw=1,
+                marker=".", label="recorded (candidates)",
+            )  # fmt: skip
+        xs, ys = [n.step for n in self.nodes], [n.to_teacher for n in self.nodes]
+        ax.plot(xs, ys, color="tab:red", marker="o", lw=1.5, label="path nodes")
+        for n in self.nodes:
+            ax.annotate(f"P{n.index}", (n.step, n.to_teacher), textcoords="offset points", xytext=(4, -10), fontsize=8)
+        ax.set_xlabel("stage-1 step")
+        ax.set_ylabel("distance to the teacher")
+        ax.set_title(title or f"path profile (gap ratio {self.gap_ratio:.2f})", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(file, dpi=100)
+        plt.close(fig)
+        return file
+
+
+def pairwise_distances(predictions: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`D[i, j] = d(i, j)` for scores given by their [`ScoreProbe.predictions`] (float64, symmetric, zero diagonal)."""
+    n = len(predictions)
+    D = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(i + 1, n):
+            D[i, j] = D[j, i] = score_distance(predictions[i], predictions[j])
+    return D
+
+
+def place_by_distance(distances: torch.Tensor | Sequence[Sequence[float]], num_nodes: int) -> list[int]:
+    """
+    Which of densely recorded candidates become the path's `num_nodes` nodes, evenly spaced in distance.
+
+    `distances` is the matrix `D[i, j]` ([`pairwise_distances`]) of the teacher (index 0) and the candidates
+    `1..M` in recording order. The last candidate always ends the path; the others are chosen, in recording order, so
+    that the largest distance between neighbouring nodes (the teacher included) is as small as it can be, and among
+    the choices that reach it, the smallest is as large as it can be: every switch of the backtracking target is
+    then about the same step. Returns the chosen candidates' indices (`1..M`, increasing, `M` last).
+
+    Stage 1 does not move along a straight line (its distance to the teacher can rise, then fall), so the spacing is
+    measured between neighbours, not as each node's distance to the teacher.
+    """
+    D = torch.as_tensor(distances, dtype=torch.float64)
+    M = D.shape[0] - 1
+    if D.shape != (M + 1, M + 1):
+        raise ValueError(f"distances must be a square matrix (teacher + candidates), got {tuple(D.shape)}")
+    if not 1 <= num_nodes <= M:
+        raise ValueError(f"need 1 <= num_nodes <= {M} candidates, got {num_nodes}")
+    # best[k][j]: (largest gap, -smallest gap) of the best chain teacher -> ... -> candidate j with k nodes
+    inf = (math.inf, math.inf)
+    best = [[inf] * (M + 1) for _ in range(num_nodes + 1)]
+    came = [[-1] * (M + 1) for _ in range(num_nodes + 1)]
+    best[0][0] = (0.0, -math.inf)
+    for k in range(1, num_nodes + 1):
+        for j in range(k, M + 1):
+            for i in range(k - 1, j):
+                if best[k - 1][i] == inf:
+                    continue
+                gap = float(D[i, j])
+                largest, neg_smallest = best[k - 1][i]
+                cost = (max(largest, gap), max(neg_smallest, -gap))
+                if cost < best[k][j]:
+                    best[k][j], came[k][j] = cost, i
+    chosen, j = [], M
+    for k in range(num_nodes, 0, -1):
+        chosen.append(j)
+        j = came[k][j]
+    return chosen[::-1]
+
+
+def path_targets(
+    teacher: Callable[[Any], Score],
+    node_eps: Callable[[int], EpsFn],
+    guidance_scale: float,
+    intermediate_cfg: str = "none",
+) -> Callable[[int], TargetFn]:
+    """
+    `index -> (cond -> (score, guidance))`: node `index` of a path as stage 2 uses it as its target (node 0, the
+    teacher, with `guidance_scale`; an intermediate node as `intermediate_cfg` says, [`node_target`]). `teacher(cond)`
+    gives the teacher's [`Score`] with the unconditional conditioning of `cond`.
+    """
+
+    def of(index: int) -> TargetFn:
+        def target(cond):
+            score = teacher(cond)
+            if index == 0:
+                return score, guidance_scale
+            return node_target(node_eps(index), score, guidance_scale, intermediate_cfg)
+
+        return target
+
+    return of
+
+
+def profile_path(
+    steps: Sequence[int],
+    probe: ScoreProbe,
+    targets: Callable[[int], TargetFn],
+    guidance_scale: float,
+    intermediate_cfg: str,
+    teacher_predictions: torch.Tensor | None = None,
+) -> PathProfile:
+    """The [`PathProfile`] of a path whose nodes `0..N` were taken at stage-1 `steps`, each node's target given by
+    `targets` ([`path_targets`]); `teacher_predictions` reuses the teacher's, if already computed on `probe`."""
+    predictions = [teacher_predictions if teacher_predictions is not None else probe.predictions(targets(0))]
+    predictions += [probe.predictions(targets(i)) for i in range(1, len(steps))]
+    return PathProfile.from_predictions(steps, predictions, guidance_scale, intermediate_cfg)

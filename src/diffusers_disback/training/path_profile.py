@@ -1,0 +1,132 @@
+"""The path profile for SDXL-architecture teachers: the probe built from the frozen teacher, the initial generator and
+a few captions; the distance of a live degrading UNet to the teacher (stage 1 logs it per node); the profile of a
+recorded path (stage 1's end and `disback path-profile`); and, on the shapes world, each node judged as a diffusion
+model. The measure is `diffusers_disback.distill.profile`'s (docs/method.md, "The path profile").
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+from ..distill import DegradationPath, DisBackConfig, NodeSwitcher, Score, one_step_sample
+from ..distill.backtracking import node_target
+from ..distill.profile import PathProfile, ScoreProbe, path_targets, sample, score_distance
+from .sdxl import FrozenSDXL, SDXLConditioner, unet_eps_fn
+
+PROFILE_PLOT = "path_profile.png"
+TEACHER_SAMPLER_STEPS = 25  # DDIM steps of the teacher's probe samples
+
+
+class SDXLPathProfiler:
+    """
+    Measures distances between the teacher, path nodes and a live UNet on one fixed probe.
+
+    Args:
+        frozen: the teacher's frozen parts ([`FrozenSDXL`]).
+        generator: the initial generator's UNet (its one-step samples are half the probe).
+        prompts: the probe's captions (each gives one generator and one teacher sample).
+        config: the run's settings: `guidance_scale`, `intermediate_cfg`, `conditioning_timestep`, the DM loss's
+            t-range and `path_profile_timesteps`.
+        device: where the networks run.
+        seed: the probe's noise (independent of the training noise: measuring never moves a run's randomness).
+    """
+
+    def __init__(
+        self,
+        frozen: FrozenSDXL,
+        generator: torch.nn.Module,
+        prompts: list[str],
+        config: DisBackConfig,
+        device: torch.device | str,
+        seed: int = 0,
+        batch_size: int = 32,
+    ):
+        if not prompts:
+            raise ValueError("the path profile needs at least one caption")
+        self.frozen, self.config = frozen, config
+        schedule = frozen.noise_schedule
+        resolution = frozen.conditioner.resolution
+        cond = frozen.conditioner(list(prompts), device)
+        rng = torch.Generator().manual_seed(seed)
+        shape = (len(prompts), frozen.teacher.config.in_channels, resolution // 8, resolution // 8)
+        z_gen, z_teacher = (torch.randn(shape, generator=rng).to(device) for _ in range(2))
+        teacher_eps = unet_eps_fn(frozen.teacher, autocast=False)
+        self.teacher = lambda c: Score(teacher_eps, schedule, uncond=SDXLConditioner.uncond(c))
+        with torch.no_grad():
+            gen_eps = unet_eps_fn(generator, autocast=False)
+            x_gen = one_step_sample(gen_eps, z_gen, cond, schedule, config.conditioning_timestep).float()
+            x_teacher = sample(self.teacher(cond), z_teacher, cond, config.guidance_scale, TEACHER_SAMPLER_STEPS)
+        min_step, max_step = config.timestep_range(schedule.num_train_timesteps)
+        self.probe = ScoreProbe.build(
+            schedule, x_gen, x_teacher, cond, min_step, max_step, config.path_profile_timesteps, seed, batch_size
+        )
+        self.teacher_predictions = self.probe.predictions(lambda c: (self.teacher(c), config.guidance_scale))
+
+    def distance(self, unet: torch.nn.Module) -> float:
+        """`d(unet, teacher)`, `unet` used as an intermediate target is (`--intermediate_cfg`)."""
+        eps = unet_eps_fn(unet, autocast=False)
+        w, cfg = self.config.guidance_scale, self.config.intermediate_cfg
+        return score_distance(self.probe.predictions(lambda c: node_target(eps, self.teacher(c), w, cfg)),
+                              self.teacher_predictions)  # fmt: skip
+
+    def node_predictions(self, path: DegradationPath) -> list[torch.Tensor]:
+        """The probe predictions of every node of `path` (the teacher first), each loaded as stage 2 loads it."""
+        switcher = NodeSwitcher(path, copy.deepcopy(self.frozen.teacher), teacher=self.frozen.teacher)
+        w, cfg = self.config.guidance_scale, self.config.intermediate_cfg
+        targets = path_targets(self.teacher, lambda i: unet_eps_fn(switcher.activate(i), autocast=False), w, cfg)
+        return [self.teacher_predictions] + [self.probe.predictions(targets(i)) for i in range(1, len(path))]
+
+    def profile(
+        self,
+        path: DegradationPath,
+        candidates: DegradationPath | None = None,
+        predictions: list[torch.Tensor] | None = None,
+    ) -> PathProfile:
+        """The profile of every node of `path` (from `predictions` if given: [`node_predictions`]), with the
+        distances `candidates` recorded if the path was placed by distance."""
+        predictions = predictions or self.node_predictions(path)
+        w, cfg = self.config.guidance_scale, self.config.intermediate_cfg
+        profile = PathProfile.from_predictions([n.step for n in path.nodes], predictions, w, cfg)
+        if candidates is not None:
+            profile.candidates = [{"step": n.step, "to_teacher": n.distance} for n in candidates.nodes[1:]]
+        return profile
+
+
+def write_profile(path: DegradationPath, profile: PathProfile) -> str:
+    """Stores `profile` in the path's manifest and its plot next to it; returns the plot's file."""
+    path.set_profile(profile)
+    return profile.plot(os.path.join(path.directory, PROFILE_PLOT))
+
+
+def judge_nodes(path: DegradationPath, teacher: str, output_dir: str, num_inference_steps: int = 25,
+                guidance_scale: float = 5.0) -> dict[int, dict]:  # fmt: skip
+    """
+    Shapes world: every node of `path` sampled as a diffusion model (`num_inference_steps` Euler steps, CFG
+    `guidance_scale`, every caption of the world, image i seeded i) and read back by the shapes judge: `{index:
+    {"accuracy", "fd"}}`, FD in the judge's features to the teacher's own samples (node 0).
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    from ..evaluation import CaptionSet, ReferenceImages, evaluate, get_protocol
+
+    protocol = get_protocol("shapes").replace(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    pipe = StableDiffusionXLPipeline.from_pretrained(teacher, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    base = copy.deepcopy(pipe.unet)
+    results, reference = {}, None
+    for node in path.nodes:
+        if node.index:
+            pipe.unet.load_state_dict(path.merged_state_dict(base, node.index))
+        out = os.path.join(output_dir, f"node_{node.index:03d}")
+        record = evaluate(pipe, CaptionSet.from_shapes(), out, protocol, reference=reference, progress=False)
+        if reference is None:
+            reference = ReferenceImages.from_folder(os.path.join(out, "images"))
+        metrics = record["metrics"]
+        results[node.index] = {
+            "accuracy": metrics["shapes_accuracy"],
+            "fd": metrics["shapes_fd"] if node.index else 0.0,
+        }
+    return results
