@@ -801,15 +801,24 @@ def warn_if_short(config: DisBackConfig, path: DegradationPath) -> None:
         )
 
 
+def stage2_path(run: Run) -> DegradationPath:
+    """The recorded path, verified once per machine (`--method dmd`: a path of the teacher alone, nothing read)."""
+    args, acc = run.args, run.accelerator
+    if not MethodPlan.uses_path(run.config.method):
+        return DegradationPath.create(tempfile.mkdtemp(prefix="disback-dmd-"), run.frozen.teacher)
+    path = load_path_verified_once(acc, args.path_dir)
+    leftover = os.path.join(args.path_dir, CANDIDATES)  # a run killed after its last stage-1 checkpoint
+    if acc.is_main_process and os.path.isdir(leftover):
+        shutil.rmtree(leftover)
+    return path
+
+
 def run_backtracking(run: Run, plan: ResumePlan) -> tuple[torch.nn.Module, DegradationPath]:
     """Stage 2: distribution matching against targets that walk the path back to the teacher (`--method dmd`: the
     teacher from the start, no path; `warm`: the teacher from the start, the fake score from the last node). Returns
     the trained generator (prepared) and the path."""
     args, config, acc = run.args, run.config, run.accelerator
-    if MethodPlan.uses_path(config.method):
-        path = load_path_verified_once(acc, args.path_dir)
-    else:  # a path of the teacher alone: nothing is read or written
-        path = DegradationPath.create(tempfile.mkdtemp(prefix="disback-dmd-"), run.frozen.teacher)
+    path = stage2_path(run)
     method = MethodPlan.of(config.method, len(path), config.fake_score_init)
     if method.num_targets > 1:
         warn_if_short(config, path)

@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "the shapes world's training captions)")  # fmt: skip
     pp.add_argument("--num-prompts", type=int, default=32, help="captions of the probe (a random subset if more)")
     pp.add_argument("--guidance-scale", type=float, default=8.0, help="the teacher's CFG, as in stage 2")
-    pp.add_argument("--intermediate-cfg", default="none", choices=("none", "node", "teacher"),
+    pp.add_argument("--intermediate-cfg", default="node", choices=("node", "none", "teacher"),
                     help="how stage 2 guides intermediate nodes (--intermediate_cfg)")  # fmt: skip
     pp.add_argument("--conditioning-timestep", type=int, default=399, help="the one-step generator's t_c")
     pp.add_argument("--timesteps", type=int, default=8, help="timesteps of the probe over the DM range")

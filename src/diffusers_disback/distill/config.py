@@ -94,10 +94,12 @@ class DisBackConfig:
         ("last_node", "teacher"),
     )
     intermediate_cfg: str = _setting(
-        "none",
-        "CFG on intermediate nodes: none (measured best on digits), the node's own unconditional branch, or the "
-        "teacher's (collapsed on digits); the teacher itself is always guided with --guidance_scale",
-        ("none", "node", "teacher"),
+        "node",
+        "CFG on intermediate nodes: node (the node's own unconditional branch, as the reference code does; the path "
+        "profile's choice: unguided nodes sit next to the generator, docs/method.md), none (no CFG; best on 8x8 "
+        "digits only), or the teacher's unconditional branch (collapsed on digits); the teacher itself is always "
+        "guided with --guidance_scale",
+        ("node", "none", "teacher"),
     )
     conditioning_timestep: int = _setting(399, "t_c: the timestep the one-step generator is fed pure noise at")
     guidance_scale: float = _setting(8.0, "teacher CFG in the distribution-matching loss (SDXL: 8)")

@@ -75,8 +75,9 @@ def distribution_matching_step(
     """
     Noises the generator's samples at `t ~ U{min_step..max_step}` (DMD2: 2%..98% of T), asks the target (with CFG)
     and the fake score (without) for their x0 estimates, and returns the Eq. 8 loss with diagnostics:
-    `grad_norm` (mean |g|) and `dm_distance` (mean |x0_hat_tgt - x0_hat_fake|, how far the generator is from the
-    current target as the two scores see it).
+    `grad_norm` (mean |g|) and `dm_distance` (the RMS of `x0_hat_tgt - x0_hat_fake`: how far the generator is from
+    the current target as the two scores see it, the path profile's measure at the generator's samples with the fake
+    score standing in for the generator's distribution; docs/method.md, "The path profile").
     """
     schedule: NoiseSchedule = target.schedule
     t = schedule.sample_timesteps(x0.shape[0], min_step, max_step, generator=generator, device=x0.device)
@@ -86,7 +87,7 @@ def distribution_matching_step(
         x0_target = target.x0(x_t, t, cond, guidance_scale=guidance_scale)
         x0_fake = fake.x0(x_t, t, cond)
         g = distribution_matching_gradient(x0, x0_target, x0_fake)
-        info = {"grad_norm": g.abs().mean(), "dm_distance": (x0_target - x0_fake).abs().mean()}
+        info = {"grad_norm": g.abs().mean(), "dm_distance": (x0_target - x0_fake).pow(2).mean().sqrt()}
     return distribution_matching_loss(x0, x0_target, x0_fake), info
 
 

@@ -361,7 +361,7 @@ def path_targets(
     teacher: Callable[[Any], Score],
     node_eps: Callable[[int], EpsFn],
     guidance_scale: float,
-    intermediate_cfg: str = "none",
+    intermediate_cfg: str = "node",
 ) -> Callable[[int], TargetFn]:
     """
     `index -> (cond -> (score, guidance))`: node `index` of a path as stage 2 uses it as its target (node 0, the
