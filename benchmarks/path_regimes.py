@@ -44,6 +44,11 @@ METHODS = ("dmd", "disback", "disback_distance", "warm")
 NAMES = {"dmd": "DMD", "disback": "DisBack, step-spaced", "disback_distance": "DisBack, distance-spaced",
          "warm": "warm control"}  # fmt: skip
 INITS = ("teacher", "weak", "random")
+REGIME_TITLES = {
+    "teacher": "generator initialised from the teacher",
+    "weak": "from a weak model (the teacher's recipe stopped early)",
+    "random": "from a random generator",
+}
 STAGE1 = {  # spacing -> stage-1 flags beyond the recipe's (200 steps, a node every 50)
     "step": [],
     "distance": ["--num_path_nodes", "4", "--path_node_spacing", "distance"],
@@ -166,7 +171,7 @@ def report(args) -> None:
         if not rs_init:
             continue
         half = 0.5 * teacher["shapes_accuracy"]
-        lines += ["", f"### Regime: generator initialised from {'the ' + init if init != 'random' else 'random'}", "",
+        lines += ["", f"### Regime: {REGIME_TITLES[init]}", "",
                   "| method | seeds | stage-1 steps + stage-2 iterations | final accuracy | at 500 | at 1,000 | first "
                   f"≥ {half:.2f} (iteration) | held-out captions (final, API) | FD to teacher (API) | wall time "
                   "stage 1 + stage 2 (s) | node steps (seed 0) |",
@@ -212,7 +217,7 @@ def plot(args, runs: list[dict]) -> None:
                 xs = [p["stage_step"] for p in r["curve"]]
                 ys = [p["eval/shapes_accuracy"] for p in r["curve"]]
                 ax.plot(xs, ys, color=colours[method], alpha=0.7, lw=1.2, label=NAMES[method] if i == 0 else None)
-        ax.set_title(f"generator from the {init}" if init != "random" else "random generator", fontsize=10)
+        ax.set_title(REGIME_TITLES[init], fontsize=10)
         ax.set_xlabel("stage-2 iteration")
         ax.set_ylabel("one-step all-attribute accuracy")
         ax.set_ylim(0, 1)
