@@ -240,14 +240,13 @@ class PathProfile:
 
     @classmethod
     def from_dict(cls, values: dict) -> PathProfile:
-        profile = cls(
+        return cls(
             [NodeProfile(**n) for n in values["nodes"]],
             values["guidance_scale"],
             values["intermediate_cfg"],
             list(values.get("candidates", [])),
             {int(k): v for k, v in values.get("judge", {}).items()},
         )
-        return profile
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -379,18 +378,3 @@ def path_targets(
         return target
 
     return of
-
-
-def profile_path(
-    steps: Sequence[int],
-    probe: ScoreProbe,
-    targets: Callable[[int], TargetFn],
-    guidance_scale: float,
-    intermediate_cfg: str,
-    teacher_predictions: torch.Tensor | None = None,
-) -> PathProfile:
-    """The [`PathProfile`] of a path whose nodes `0..N` were taken at stage-1 `steps`, each node's target given by
-    `targets` ([`path_targets`]); `teacher_predictions` reuses the teacher's, if already computed on `probe`."""
-    predictions = [teacher_predictions if teacher_predictions is not None else probe.predictions(targets(0))]
-    predictions += [probe.predictions(targets(i)) for i in range(1, len(steps))]
-    return PathProfile.from_predictions(steps, predictions, guidance_scale, intermediate_cfg)

@@ -12,7 +12,6 @@ import os
 import torch
 
 from ..distill import DegradationPath, DisBackConfig, NodeSwitcher, Score, one_step_sample
-from ..distill.backtracking import node_target
 from ..distill.profile import PathProfile, ScoreProbe, path_targets, sample, score_distance
 from .sdxl import FrozenSDXL, SDXLConditioner, unet_eps_fn
 
@@ -66,11 +65,10 @@ class SDXLPathProfiler:
         self.teacher_predictions = self.probe.predictions(lambda c: (self.teacher(c), config.guidance_scale))
 
     def distance(self, unet: torch.nn.Module) -> float:
-        """`d(unet, teacher)`, `unet` used as an intermediate target is (`--intermediate_cfg`)."""
+        """`d(unet, teacher)`, with `unet` guided as an intermediate target is (`--intermediate_cfg`)."""
         eps = unet_eps_fn(unet, autocast=False)
-        w, cfg = self.config.guidance_scale, self.config.intermediate_cfg
-        return score_distance(self.probe.predictions(lambda c: node_target(eps, self.teacher(c), w, cfg)),
-                              self.teacher_predictions)  # fmt: skip
+        target = path_targets(self.teacher, lambda _: eps, self.config.guidance_scale, self.config.intermediate_cfg)
+        return score_distance(self.probe.predictions(target(1)), self.teacher_predictions)
 
     def node_predictions(self, path: DegradationPath) -> list[torch.Tensor]:
         """The probe predictions of every node of `path` (the teacher first), each loaded as stage 2 loads it."""
