@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm.auto import tqdm
 
@@ -42,6 +42,7 @@ from diffusers_disback.distill import (
     FAKE_SCORE_ADAPTER,
     GENERATOR_ADAPTER,
     LORA_ADAPTER,
+    AdapterView,
     BacktrackingSchedule,
     BacktrackingStep,
     DegradationPath,
@@ -51,6 +52,7 @@ from diffusers_disback.distill import (
     NodeSwitcher,
     OptimizerUpdate,
     Score,
+    SharedBase,
     add_config_arguments,
     generator_updates,
     lora_config,
@@ -141,6 +143,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "the mixed-precision dtype",
     )
     p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument(
+        "--lora_base",
+        choices=["shared", "separate"],
+        default="shared",
+        help="with --lora_rank: shared: the teacher, every path node, stage 1's degrading score, the fake score and "
+        "the generator are named adapters of one frozen teacher UNet (a generator from --pretrained_generator keeps "
+        "its own base); separate: each its own UNet, ~3 more SDXL UNets in memory (docs/training.md, 'One frozen base')",
+    )
     p.add_argument("--allow_tf32", action="store_true")
     p.add_argument(
         "--compile",
@@ -233,6 +243,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--resolution must be divisible by 8, got {args.resolution}")
     if args.push_to_hub and not args.hub_model_id:
         p.error("--push_to_hub needs --hub_model_id")
+    check_lora_base(p, args)
     trackers = {"all": ["tensorboard", "wandb"], "none": []}.get(args.report_to, args.report_to.split(","))
     for name in trackers:
         if name in ("tensorboard", "wandb") and importlib.util.find_spec(name) is None:
@@ -247,6 +258,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def check_lora_base(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What `--lora_base shared` needs: every network an adapter of the teacher's UNet."""
+    if not (args.lora_rank and args.lora_base == "shared"):
+        return
+    if args.gan_loss_weight > 0 or args.degradation_gan:
+        p.error("the GAN term trains a discriminator head on the fake score's own UNet: with --gan_loss_weight or "
+                "--degradation_gan pass --lora_base separate")  # fmt: skip
+    if args.path_node_type != "lora" and args.method != "dmd":
+        p.error("--lora_base shared keeps path nodes as adapters of the shared base: pass --path_node_type lora (or "
+                "--lora_base separate for full-weight nodes)")  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------- 2. accelerator
 
 
@@ -256,7 +279,12 @@ def make_accelerator(args) -> Accelerator:
         project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
     )
     report_to = None if args.report_to == "none" else args.report_to
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=report_to, project_config=project)
+    # on a shared base the generator's and the fake score's adapters are one model with an update each: under DDP
+    # each backward leaves the other adapter's parameters unused
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if shares_base(args) else []
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, log_with=report_to, project_config=project, kwargs_handlers=handlers
+    )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is too much
     if args.allow_tf32 and torch.cuda.is_available():
@@ -277,6 +305,11 @@ def make_accelerator(args) -> Accelerator:
             main_process_only=True,
         )
     return accelerator
+
+
+def shares_base(args) -> bool:
+    """Whether this run's LoRA networks are adapters of one frozen base (`--lora_rank` with `--lora_base shared`)."""
+    return bool(args.config.lora_rank) and args.lora_base == "shared"
 
 
 def weight_dtype_of(accelerator) -> torch.dtype:
@@ -363,6 +396,7 @@ class Run:
     batches: Batches
     state: RunState = field(default_factory=RunState)
     pusher: BackgroundPusher | None = None
+    shared: SharedBase | None = None  # the frozen teacher holding every adapter (--lora_base shared)
     checkpoint_count: int = 0
     stage2_started: float | None = None  # perf_counter() when this process began stage-2 iterations
     eval_seconds: float = 0.0  # of it, spent in evaluate()
@@ -384,15 +418,19 @@ class Run:
         return lambda z, cond: one_step_sample(eps, z, cond, self.frozen.noise_schedule, t_c)
 
     def update_fn(self, models: dict, optimizers: dict, params: dict) -> OptimizerUpdate:
-        """The training steps' `update(name, loss)`: accelerate's backward, clipping that works under FSDP2, NaN
-        policy decided by all ranks."""
-        acc = self.accelerator
+        """The training steps' `update(name, loss)`: accelerate's backward, clipping that works under FSDP2 (on a shared
+        base, of the updated adapter's parameters only), NaN policy decided by all ranks."""
+        acc, own = self.accelerator, self.shared is not None
+
+        def clip(name, params, max_norm):
+            clip_grad_norm(acc, models[name], optimizers[name], max_norm, params if own else None)
+
         return OptimizerUpdate(
             optimizers,
             params,
             self.config.max_grad_norm,
             backward=acc.backward,
-            clip=lambda name, _, max_norm: clip_grad_norm(acc, models[name], optimizers[name], max_norm),
+            clip=clip,
             finite=lambda name, loss: finite_or_skip(acc, loss, name, self.args.nan_policy, self.state.global_step),
         )
 
@@ -444,13 +482,24 @@ def push_app_space(args) -> None:
 
 
 def make_run(args, accelerator) -> Run:
+    if shares_base(args) and accelerator.distributed_type == DistributedType.FSDP:
+        # FSDP would shard the teacher itself, and the main process alone runs it (path profile, final pipeline)
+        raise ValueError(
+            "--lora_base shared does not run under FSDP: the shared base is the frozen teacher, which FSDP would "
+            "shard. Use DDP or a single process with it, or pass --lora_base separate under FSDP."
+        )
     weight_dtype = weight_dtype_of(accelerator)
     frozen = load_frozen_models(args, accelerator, weight_dtype)
     batches = Batches(args, accelerator, frozen)
     pusher = None
     if args.push_to_hub and accelerator.is_main_process:
         pusher = BackgroundPusher(args.hub_model_id, private=args.hub_private or None, token=args.hub_token)
-    return Run(args, accelerator, weight_dtype, frozen, batches, pusher=pusher)
+    shared = None
+    if shares_base(args):
+        shared = SharedBase(frozen.teacher)
+        if args.gradient_checkpointing:
+            shared.enable_gradient_checkpointing()
+    return Run(args, accelerator, weight_dtype, frozen, batches, pusher=pusher, shared=shared)
 
 
 def trainable_unet(run: Run, unet, rank: int, adapter_name: str, with_head: bool):
@@ -661,7 +710,8 @@ def path_profiler(run: Run, generator) -> SDXLPathProfiler | None:
         caption_column=args.caption_column, streaming=not args.no_streaming, shuffle_buffer=args.shuffle_buffer,
         seed=args.seed + 1,
     ).take(config.path_profile_prompts)  # fmt: skip
-    return SDXLPathProfiler(run.frozen, generator, prompts, config, run.accelerator.device, seed=args.seed + 1)
+    device = run.accelerator.device
+    return SDXLPathProfiler(run.frozen, generator, prompts, config, device, seed=args.seed + 1, shared=run.shared)
 
 
 def add_path_node(run: Run, path: DegradationPath | None, degrading, step: int, distance: float | None) -> None:
@@ -680,20 +730,39 @@ def add_path_node(run: Run, path: DegradationPath | None, degrading, step: int, 
     run.accelerator.wait_for_everyone()
 
 
-def run_degradation(run: Run, plan: ResumePlan) -> None:
-    """Stage 1: fine-tune a copy of the teacher on the frozen initial generator's samples; record the path."""
-    args, config, acc = run.args, run.config, run.accelerator
-    generator = (
-        run.frozen.load_generator(args.pretrained_generator).to(acc.device, run.weight_dtype).requires_grad_(False)
-    )
-    rank = config.path_lora_rank if config.path_node_type == "lora" else 0
-    degrading, params = trainable_unet(run, run.frozen.load_unet_fp32(), rank, LORA_ADAPTER, config.degradation_gan)
+def degradation_networks(run: Run, rank: int):
+    """
+    Stage 1's networks: the frozen initial generator (in the compute dtype), the degrading score (full, or a LoRA of
+    `rank`) as the loss calls it and as accelerate prepared it, its optimizer and LR schedule. On a shared base the
+    degrading score is an adapter of the frozen teacher, and a generator that starts from the teacher is the base
+    alone.
+    """
+    args, config, acc, shared = run.args, run.config, run.accelerator, run.shared
+    if shared is not None and args.pretrained_generator is None:
+        generator = shared.view()
+    else:
+        generator = run.frozen.load_generator(args.pretrained_generator)
+        generator = generator.to(acc.device, run.weight_dtype).requires_grad_(False)
+    if shared is not None:
+        module = run.frozen.teacher
+        params = shared.add_adapter(lora_config(rank, SDXL_LORA_TARGETS), LORA_ADAPTER, trainable=True)
+    else:
+        module, params = trainable_unet(run, run.frozen.load_unet_fp32(), rank, LORA_ADAPTER, config.degradation_gan)
     optimizer = make_optimizer(params, config.degradation_learning_rate, config)
     lr_scheduler = make_lr_scheduler(optimizer, config, config.degradation_steps, acc.num_processes)
-    degrading, optimizer, lr_scheduler = prepare_trainable(acc, degrading, optimizer, lr_scheduler)
+    module, optimizer, lr_scheduler = prepare_trainable(acc, module, optimizer, lr_scheduler)
+    degrading = shared.view(LORA_ADAPTER, caller=module) if shared is not None else module
     if args.compile:
-        generator.compile(backend=args.compile)
-        degrading.compile(backend=args.compile)
+        for unet in (module,) if isinstance(generator, AdapterView) else (generator, module):
+            unet.compile(backend=args.compile)
+    return generator, degrading, module, optimizer, lr_scheduler
+
+
+def run_degradation(run: Run, plan: ResumePlan) -> None:
+    """Stage 1: fine-tune a copy of the teacher on the frozen initial generator's samples; record the path."""
+    args, config, acc, shared = run.args, run.config, run.accelerator, run.shared
+    rank = config.path_lora_rank if config.path_node_type == "lora" else 0
+    generator, degrading, module, optimizer, lr_scheduler = degradation_networks(run, rank)
     if plan.resumes("degradation"):
         run.restore(plan, "degradation")
     path, candidates = open_path(run, plan, lora_config(rank, SDXL_LORA_TARGETS) if rank else None)
@@ -701,7 +770,9 @@ def run_degradation(run: Run, plan: ResumePlan) -> None:
     step_fn = DegradationStep(
         generator=run.generate_fn(generator, autocast=False),  # frozen, held in the compute dtype
         degrading=Score(unet_eps_fn(degrading), run.frozen.noise_schedule),
-        update=run.update_fn({"degrading": degrading}, {"degrading": optimizer}, {"degrading": params}),
+        update=run.update_fn(
+            {"degrading": module}, {"degrading": optimizer}, {"degrading": optimizer.param_groups[0]["params"]}
+        ),
         rng=run.batches.rng,
         autocast=acc.autocast,
         gan=gan_term(run, degrading) if config.degradation_gan else None,
@@ -716,7 +787,7 @@ def run_degradation(run: Run, plan: ResumePlan) -> None:
         step = run.state.stage_step
         if step in node_steps:
             distance = profiler.distance(degrading) if profiler else None
-            add_path_node(run, candidates or path, degrading, step, distance)
+            add_path_node(run, candidates or path, module, step, distance)
             if distance is not None:
                 logs["distance_to_teacher"] = distance
         if step == config.degradation_steps and candidates is not None and acc.is_main_process:
@@ -728,8 +799,10 @@ def run_degradation(run: Run, plan: ResumePlan) -> None:
                 run.state.stage, run.state.stage_step = "backtracking", 0
             run.save_checkpoint()
     run.report_peak_memory("stage 1")
-    del degrading, optimizer
+    del degrading, module, optimizer
     acc.free_memory()
+    if shared is not None:  # its nodes are saved; the shared base is the teacher again
+        shared.delete_adapter(LORA_ADAPTER)
     if acc.is_main_process and path is not None:
         if profiler is not None:
             profile_recorded_path(run, profiler, path, candidates, kept_predictions)
@@ -823,31 +896,34 @@ def run_backtracking(run: Run, plan: ResumePlan) -> tuple[torch.nn.Module, Degra
     if method.num_targets > 1:
         warn_if_short(config, path)
     gan = config.gan_loss_weight > 0
-    generator, params_g = trainable_unet(
-        run, run.frozen.load_generator(args.pretrained_generator), config.lora_rank, GENERATOR_ADAPTER, False
-    )
-    fake = run.frozen.load_unet_fp32()
-    if method.fake_score_node is not None:  # s_phi <- R[0]
-        fake.load_state_dict(path.merged_state_dict(fake, method.fake_score_node))
-    fake, params_f = trainable_unet(run, fake, config.lora_rank, FAKE_SCORE_ADAPTER, gan)
-    switcher = NodeSwitcher(path, copy.deepcopy(run.frozen.teacher), teacher=run.frozen.teacher)
+    if run.shared is not None:
+        generator, fake, switcher, opts, models = shared_base_networks(run, path, method)
+        (opt_g, sched_g), (opt_f, sched_f) = opts
+    else:
+        generator, params_g = trainable_unet(
+            run, run.frozen.load_generator(args.pretrained_generator), config.lora_rank, GENERATOR_ADAPTER, False
+        )
+        fake = run.frozen.load_unet_fp32()
+        if method.fake_score_node is not None:  # s_phi <- R[0]
+            fake.load_state_dict(path.merged_state_dict(fake, method.fake_score_node))
+        fake, params_f = trainable_unet(run, fake, config.lora_rank, FAKE_SCORE_ADAPTER, gan)
+        switcher = NodeSwitcher(path, copy.deepcopy(run.frozen.teacher), teacher=run.frozen.teacher)
+        opt_g, sched_g = optimizer_and_schedule(run, params_g, config.learning_rate)
+        opt_f, sched_f = optimizer_and_schedule(run, params_f, config.fake_learning_rate)
+        generator, opt_g, sched_g = prepare_trainable(acc, generator, opt_g, sched_g)
+        fake, opt_f, sched_f = prepare_trainable(acc, fake, opt_f, sched_f)
+        models = {"generator": generator, "fake_score": fake}
+        if args.compile:  # after the switcher copied the teacher and loaded the nodes
+            for unet in (generator, fake, switcher.model, run.frozen.teacher):
+                unet.compile(backend=args.compile)
     schedule = method.schedule(config)
-    opt_g = make_optimizer(params_g, config.learning_rate, config)
-    opt_f = make_optimizer(params_f, config.fake_learning_rate, config)
-    # both LR schedules count stage-2 iterations (the reference steps the generator's every iteration, updated or not)
-    sched_g = make_lr_scheduler(opt_g, config, config.max_train_steps, acc.num_processes)
-    sched_f = make_lr_scheduler(opt_f, config, config.max_train_steps, acc.num_processes)
-    generator, opt_g, sched_g = prepare_trainable(acc, generator, opt_g, sched_g)
-    fake, opt_f, sched_f = prepare_trainable(acc, fake, opt_f, sched_f)
-    if args.compile:  # after the switcher copied the teacher and loaded the nodes
-        for unet in (generator, fake, switcher.model, run.frozen.teacher):
-            unet.compile(backend=args.compile)
     if plan.resumes("backtracking"):
         run.restore(plan, "backtracking")
         if plan.restores_models("backtracking"):
             schedule.load_state_dict(run.state.backtracking)
     run.state.stage = "backtracking"
-    models, optimizers = {"generator": generator, "fake_score": fake}, {"generator": opt_g, "fake_score": opt_f}
+    optimizers = {"generator": opt_g, "fake_score": opt_f}
+    params_g, params_f = (o.param_groups[0]["params"] for o in (opt_g, opt_f))
     min_step, max_step = config.timestep_range(run.frozen.noise_schedule.num_train_timesteps)
     step_fn = BacktrackingStep(
         generator=run.generate_fn(generator),
@@ -891,6 +967,58 @@ def run_backtracking(run: Run, plan: ResumePlan) -> tuple[torch.nn.Module, Degra
     return generator, path
 
 
+def optimizer_and_schedule(run: Run, params, lr: float):
+    """AdamW over `params` and its LR schedule over stage 2's iterations (the reference steps the generator's every
+    iteration, updated or not)."""
+    optimizer = make_optimizer(params, lr, run.config)
+    return optimizer, make_lr_scheduler(
+        optimizer, run.config, run.config.max_train_steps, run.accelerator.num_processes
+    )
+
+
+def shared_base_networks(run: Run, path: DegradationPath, method: MethodPlan):
+    """
+    Stage 2's networks as adapters of the one frozen teacher UNet (`--lora_base shared`; docs/training.md, "One frozen
+    base"): the generator `base + generator` (or its own base, from `--pretrained_generator`), the fake score
+    `base + node_k + fake_score` when it starts from node k (the separate mode's `merge(base, node_k) + fake_score`),
+    every path node `base + node_i`, the teacher the base alone. The adapters are created in the separate mode's order
+    (generator, fake score, nodes), so both modes draw the same initial LoRA weights. Returns the generator and fake
+    score views (each calling the prepared module), the switcher, their (optimizer, schedule) pairs and the prepared
+    modules by network name.
+    """
+    args, config, acc, shared = run.args, run.config, run.accelerator, run.shared
+    adapter = lora_config(config.lora_rank, SDXL_LORA_TARGETS)
+    own_generator = args.pretrained_generator is not None  # a different UNet: it cannot share the teacher's weights
+    if own_generator:
+        gen_module, params_g = trainable_unet(
+            run, run.frozen.load_generator(args.pretrained_generator), config.lora_rank, GENERATOR_ADAPTER, False
+        )
+    else:
+        params_g = shared.add_adapter(adapter, GENERATOR_ADAPTER, trainable=True)
+    params_f = shared.add_adapter(adapter, FAKE_SCORE_ADAPTER, trainable=True)
+    switcher = NodeSwitcher(path, shared, teacher=run.frozen.teacher)
+    opt_g, sched_g = optimizer_and_schedule(run, params_g, config.learning_rate)
+    opt_f, sched_f = optimizer_and_schedule(run, params_f, config.fake_learning_rate)
+    fake_adapters = (FAKE_SCORE_ADAPTER,)
+    if method.fake_score_node:  # s_phi <- R[0]: the node's adapter under the fake score's, both active
+        fake_adapters = (f"node_{method.fake_score_node}", FAKE_SCORE_ADAPTER)
+    if own_generator:
+        gen_module, opt_g, sched_g = prepare_trainable(acc, gen_module, opt_g, sched_g)
+        base, opt_f, sched_f = prepare_trainable(acc, run.frozen.teacher, opt_f, sched_f)
+        generator = gen_module
+    else:
+        base, opt_g, opt_f, sched_g, sched_f = prepare_trainable(
+            acc, run.frozen.teacher, opt_g, opt_f, sched_g, sched_f
+        )
+        generator = shared.view(GENERATOR_ADAPTER, caller=base)
+    if args.compile:
+        for unet in (base, gen_module) if own_generator else (base,):
+            unet.compile(backend=args.compile)
+    fake = shared.view(*fake_adapters, caller=base)
+    models = {"generator": gen_module if own_generator else base, "fake_score": base}
+    return generator, fake, switcher, ((opt_g, sched_g), (opt_f, sched_f)), models
+
+
 # --------------------------------------------------------------------------------------------- 8. save and push
 
 
@@ -913,11 +1041,13 @@ def training_summary(run: Run, path: DegradationPath) -> dict:
 
 def final_unet_state(run: Run, generator) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The generator's full weights and, with LoRA, its adapter's (every rank takes part; the main process gets
-    them): the adapter is merged onto the initial generator's fp32 weights, not its bf16 training copy."""
-    state = full_state_dict(run.accelerator, generator)
+    them): the adapter is merged onto the initial generator's fp32 weights, not its bf16 training copy. On a shared
+    base the module holds every adapter; only the generator's is taken."""
+    module = generator.caller if isinstance(generator, AdapterView) else generator
+    state = full_state_dict(run.accelerator, module)
     adapter = {}
     if run.accelerator.is_main_process and run.config.lora_rank:
-        adapter = {k: v for k, v in state.items() if "lora_" in k}
+        adapter = {k: v for k, v in state.items() if "lora_" in k and f".{GENERATOR_ADAPTER}." in k}
         base = run.frozen.load_generator(run.args.pretrained_generator).state_dict()
         state = merge_lora({**base, **adapter}, GENERATOR_ADAPTER)  # lora_alpha = r: scaling 1
     return state, adapter

@@ -27,14 +27,13 @@ import hashlib
 import json
 import math
 import os
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .._io import atomic_write, atomic_write_text
-from .lora import LORA_ADAPTER, add_lora_adapter, merge_lora
+from .lora import LORA_ADAPTER, SharedBase, merge_lora
 
 MANIFEST_NAME = "path_manifest.json"
 FORMAT_VERSION = 1
@@ -307,15 +306,17 @@ class NodeSwitcher:
     """
     Gives the score network of any path node while holding at most one extra copy of the weights.
 
-    - LoRA path: every node is loaded once as its own adapter (`node_1`, ..., `node_N`) into `model`, a copy of the
-      teacher; `activate(i)` switches adapters (`activate(0)` disables them: the teacher). No tensors move.
+    - LoRA path: every node is loaded once as its own adapter (`node_1`, ..., `node_N`) of a [`SharedBase`]: `model`
+      itself when it is one (the one frozen base of the shared-base LoRA mode), else a `SharedBase` of `model` (a
+      copy of the teacher, or the teacher itself); `activate(i)` returns the view `base + node_i` (`activate(0)`: the
+      base alone, the teacher). No tensors move.
     - Full path: `activate(i)` copies node `i`'s weights into `model` (kept in memory after the first read when
       `cache=True`); `activate(0)` returns `teacher`.
 
     Args:
         path: the [`DegradationPath`].
-        model: the module that becomes the target (LoRA: a copy of the teacher, or the teacher itself; full: a module
-            of the teacher's architecture).
+        model: the module that becomes the target (LoRA: a [`SharedBase`], a copy of the teacher, or the teacher
+            itself; full: a module of the teacher's architecture).
         teacher: the teacher module (full paths: the node-0 score).
         cache: full paths: keep every node's tensors in CPU memory after its first read (fast switching back and
             forth, e.g. in benchmarks; off by default: backtracking visits each node once, and an SDXL node is ~10 GB).
@@ -324,63 +325,56 @@ class NodeSwitcher:
     def __init__(
         self,
         path: DegradationPath,
-        model: torch.nn.Module,
+        model: torch.nn.Module | SharedBase,
         teacher: torch.nn.Module | None = None,
         cache: bool = False,
     ):
         self.path = path
-        self.model = model
         self.teacher = teacher
         self.cache = cache
         self._cached: dict[int, dict[str, torch.Tensor]] = {}
         self.active: int | None = None
-        _check_architecture(path.architecture, model)
+        self._loaded: int | None = None  # full paths: the node whose weights `model` holds
+        self.shared = None
         if path.kind == "lora":
             from peft import LoraConfig
 
+            self.shared = model if isinstance(model, SharedBase) else SharedBase(model)
+            model = self.shared.module
+            _check_architecture(path.architecture, model)
             config = LoraConfig(**path.lora_config)
             for node in path.nodes[1:]:
-                with warnings.catch_warnings():  # peft warns on every adapter after the first: that is the point
-                    warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                    add_lora_adapter(model, config, adapter_name=f"node_{node.index}")
+                self.shared.add_adapter(config, f"node_{node.index}")
                 state = path.node_state_dict(node.index, verify=False)  # verified when the path was loaded
                 _load_lora_strict(model, state, f"node_{node.index}", f"node {node.index}")
-            model.requires_grad_(False)
-            from peft.tuners.tuners_utils import BaseTunerLayer
+        else:
+            _check_architecture(path.architecture, model)
+            if teacher is None:
+                raise ValueError("a full-weight path needs `teacher` for node 0")
+        self.model = model
 
-            self._lora_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-        elif teacher is None:
-            raise ValueError("a full-weight path needs `teacher` for node 0")
-
-    def activate(self, index: int) -> torch.nn.Module:
-        """Makes node `index` the active target and returns the module to call."""
+    def activate(self, index: int):
+        """Makes node `index` the active target and returns what to call (a LoRA path: an [`AdapterView`])."""
         if not 0 <= index < len(self.path):
             raise IndexError(f"node {index} is not in the path (nodes 0..{len(self.path) - 1})")
-        if self.path.kind == "lora":
-            if index != self.active:
-                _set_active_adapter(self._lora_layers, None if index == 0 else f"node_{index}")
-            self.active = index
-            return self.model
+        self.active = index
+        if self.shared is not None:
+            return self.shared.view(*(() if index == 0 else (f"node_{index}",)))
         if index == 0:
-            self.active = 0
             return self.teacher
-        if self.active != index:
+        if self._loaded != index:
             state = self._cached.get(index) or self.path.node_state_dict(index, verify=False)
             if self.cache:
                 self._cached[index] = state
             _load_strict(self.model, state, f"node {index}")
-            self.active = index
+            self._loaded = index
         return self.model
 
-
-def _set_active_adapter(layers: list, adapter_name: str | None) -> None:
-    for module in layers:
-        if adapter_name is None:
-            module.enable_adapters(False)
-        else:
-            if module.disable_adapters:
-                module.enable_adapters(True)
-            module.set_adapter(adapter_name, inference_mode=True)  # targets stay frozen
+    def close(self) -> None:
+        """Removes the node adapters from a borrowed base (a LoRA path on a shared base that outlives the switcher)."""
+        if self.shared is not None:
+            for node in self.path.nodes[1:]:
+                self.shared.delete_adapter(f"node_{node.index}")
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

@@ -9,6 +9,8 @@ Three adapters are trained: `degradation` (stage 1's degrading score, when path 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 LORA_ADAPTER = "degradation"
@@ -93,3 +95,154 @@ def make_trainable(
         model.enable_gradient_checkpointing()
     model.train()
     return params
+
+
+# -------------------------------------------------------------------------------------------- one shared base
+
+
+class SharedBase:
+    """
+    One frozen base module (e.g. the teacher's UNet in the compute dtype) holding named peft LoRA adapters, so that
+    the teacher, the path nodes, the fake score and the generator are one set of base weights (docs/training.md,
+    "One frozen base"). Each network is a [`view`](SharedBase.view) of it: a set of adapters active on top of the
+    base (the empty set is the base itself: the teacher).
+
+    - Adapters are switched by setting each peft tuner layer's active-adapter list, which never touches
+      `requires_grad` (peft's `set_adapter` would mark the active adapters trainable and freeze the others); the
+      adapters named `trainable` keep `requires_grad=True` throughout, every other adapter and the base stay frozen.
+    - A view activates its adapters for its own call and restores the base afterwards, so a plain call of `module`
+      is always the teacher.
+    - Gradient checkpointing recomputes a block during backward, when another view may be active: [`enable_gradient_
+      checkpointing`](SharedBase.enable_gradient_checkpointing) makes each recomputation run with the adapters of
+      the forward that saved it.
+
+    Several adapters active at once add up (peft sums active adapters): the fake score initialised from the last
+    path node is `base + node_N + fake_score`, which is the separate-networks fake score `merge(base, node_N) +
+    fake_score` up to floating-point rounding.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.active: tuple[str, ...] = ()
+        self.trainable: set[str] = set()
+        self._layers: list | None = None
+
+    @property
+    def layers(self) -> list:
+        if self._layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._layers = [m for m in self.module.modules() if isinstance(m, BaseTunerLayer)]
+        return self._layers
+
+    @property
+    def adapters(self) -> set[str]:
+        """The names of every adapter the base holds."""
+        return {name for layer in self.layers for name in layer.lora_A.keys()}
+
+    def add_adapter(self, config, name: str, trainable: bool = False) -> list[torch.nn.Parameter]:
+        """Injects adapter `name` (`B = 0`). A trainable adapter gets fp32 master weights (see [`make_trainable`]) and
+        is returned as the parameters to optimise; a frozen one stays in the base's dtype (a path node's weights are
+        loaded into it)."""
+        import warnings
+
+        if name in self.adapters:
+            raise ValueError(f"the shared base already holds an adapter named {name!r}")
+        with warnings.catch_warnings():  # peft warns on every adapter after the first: that is the point
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            add_lora_adapter(self.module, config, adapter_name=name)
+        self._layers = None
+        if trainable:
+            self.trainable.add(name)
+        params = lora_parameters(self.module, name)
+        if trainable:
+            for p in params:
+                p.data = p.data.to(torch.float32)
+        self._restore_requires_grad()
+        self.set_active(self.active)
+        return params if trainable else []
+
+    def delete_adapter(self, name: str) -> None:
+        """Removes adapter `name` from every layer (e.g. stage 1's degrading adapter once its nodes are saved)."""
+        for layer in self.layers:
+            if name in layer.lora_A.keys():
+                layer.delete_adapter(name)
+        self.trainable.discard(name)
+        self.active = tuple(a for a in self.active if a != name)
+        self._restore_requires_grad()
+        self.set_active(self.active)
+
+    def _restore_requires_grad(self) -> None:
+        for n, p in self.module.named_parameters():
+            p.requires_grad_("lora_" in n and any(f".{a}." in n for a in self.trainable))
+
+    def set_active(self, names: tuple[str, ...]) -> None:
+        """Makes exactly `names` active in every tuner layer (the empty tuple: adapters off, the base alone)."""
+        names = tuple(names)
+        for layer in self.layers:
+            present = [n for n in names if n in layer.lora_A.keys()]
+            layer._active_adapter = present  # peft's own attribute: set directly so requires_grad stays as it is
+            layer._disable_adapters = not present
+        self.active = names
+
+    @contextlib.contextmanager
+    def using(self, names: tuple[str, ...]):
+        """Adapters `names` active inside the block, the previous set restored after it."""
+        previous = self.active
+        if tuple(names) != previous:
+            self.set_active(names)
+        try:
+            yield
+        finally:
+            if self.active != previous:
+                self.set_active(previous)
+
+    def view(self, *names: str, caller: torch.nn.Module | None = None) -> AdapterView:
+        """The network `base + names` as a callable; `caller` is what to call instead of `module` (the module as
+        `accelerator.prepare` wrapped it, so DDP sees the trainable pass)."""
+        unknown = set(names) - self.adapters
+        if unknown:
+            raise ValueError(f"the shared base holds no adapter {sorted(unknown)}; it holds {sorted(self.adapters)}")
+        return AdapterView(self, tuple(names), caller)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """diffusers' gradient checkpointing with the recomputation run under the forward's adapters."""
+        from torch.utils.checkpoint import checkpoint
+
+        def checkpoint_with_adapters(block, *args):
+            adapters = self.active
+
+            def run(*inputs):
+                with self.using(adapters):
+                    return block(*inputs)
+
+            return checkpoint(run, *args, use_reentrant=False)
+
+        self.module.enable_gradient_checkpointing(checkpoint_with_adapters)
+
+
+class AdapterView:
+    """One network of a [`SharedBase`]: calling it runs the base with exactly `adapters` active."""
+
+    def __init__(self, shared: SharedBase, adapters: tuple[str, ...], caller: torch.nn.Module | None = None):
+        self.shared, self.adapters = shared, adapters
+        self.caller = caller if caller is not None else shared.module
+
+    def __call__(self, *args, **kwargs):
+        with self.shared.using(self.adapters):
+            return self.caller(*args, **kwargs)
+
+    def parameters(self):
+        """The base module's parameters (its dtype is the dtype of the view's pass)."""
+        return self.shared.module.parameters()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters of this view's trainable adapters."""
+        return [p for a in self.adapters if a in self.shared.trainable for p in lora_parameters(self.shared.module, a)]
+
+    @property
+    def config(self):
+        return self.shared.module.config
+
+    def __repr__(self) -> str:
+        return f"AdapterView(adapters={list(self.adapters)})"

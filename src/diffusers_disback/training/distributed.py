@@ -29,30 +29,33 @@ def full_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tens
     return accelerator.get_state_dict(model)
 
 
-def prepare_trainable(accelerator, model, optimizer, lr_scheduler):
+def prepare_trainable(accelerator, model, *optimizers_and_schedulers):
     """
-    `accelerator.prepare` for one trainable model with its optimizer and LR schedule, without the autocast that
+    `accelerator.prepare` for one trainable model with its optimizer(s) and LR schedule(s), without the autocast that
     accelerate wraps around the model's forward under mixed precision: precision is decided by the loop's own
     autocast regions, as in DMD2, so the fake score's pass in the DM loss can run in fp32. Under FSDP each trainable
-    model is prepared with its own optimizer, in its own call.
+    model is prepared with its own optimizer, in its own call; the shared base of the LoRA mode is one model with two
+    optimizers (the generator's and the fake score's adapters).
     """
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # restores the module's own forward, in place
-    return model, optimizer, lr_scheduler
+    prepared = accelerator.prepare(model, *optimizers_and_schedulers)
+    accelerator.unwrap_model(prepared[0], keep_fp32_wrapper=False)  # restores the module's own forward, in place
+    return prepared
 
 
-def clip_grad_norm(accelerator, model: torch.nn.Module, optimizer, max_grad_norm: float) -> None:
-    """Gradient-norm clipping of one prepared model, under any distributed setup (after `accelerator.backward`)."""
+def clip_grad_norm(accelerator, model: torch.nn.Module, optimizer, max_grad_norm: float, parameters=None) -> None:
+    """Gradient-norm clipping of one prepared model (or of `parameters` of it: one adapter of a shared base), under
+    any distributed setup (after `accelerator.backward`)."""
     if not accelerator.sync_gradients:
         return
+    parameters = list(model.parameters() if parameters is None else parameters)
     if is_fsdp2_sharded(model):
         # accelerate's clip_grad_norm_ matches the parameters against each prepared model with `==`, which fails on
         # DTensors when two prepared models share an architecture (the generator and the fake score); torch clips
         # DTensor gradients itself
         accelerator.unscale_gradients(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
     else:
-        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        accelerator.clip_grad_norm_(parameters, max_grad_norm)
 
 
 def finite_or_skip(accelerator, loss: torch.Tensor, what: str, nan_policy: str, global_step: int) -> bool:

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ..distill import DegradationPath, DisBackConfig, NodeSwitcher, Score, one_step_sample
+from ..distill import DegradationPath, DisBackConfig, NodeSwitcher, Score, SharedBase, one_step_sample
 from ..distill.profile import PathProfile, ScoreProbe, path_targets, sample, score_distance
 from .sdxl import FrozenSDXL, SDXLConditioner, unet_eps_fn
 
@@ -31,6 +31,8 @@ class SDXLPathProfiler:
             t-range and `path_profile_timesteps`.
         device: where the networks run.
         seed: the probe's noise (independent of the training noise: measuring never moves a run's randomness).
+        shared: the run's [`SharedBase`] (the frozen teacher holding the LoRA adapters), if it has one: a LoRA path's
+            nodes are then measured as adapters of it, removed afterwards, instead of on a copy of the teacher.
     """
 
     def __init__(
@@ -42,10 +44,11 @@ class SDXLPathProfiler:
         device: torch.device | str,
         seed: int = 0,
         batch_size: int = 32,
+        shared: SharedBase | None = None,
     ):
         if not prompts:
             raise ValueError("the path profile needs at least one caption")
-        self.frozen, self.config = frozen, config
+        self.frozen, self.config, self.shared = frozen, config, shared
         schedule = frozen.noise_schedule
         resolution = frozen.conditioner.resolution
         cond = frozen.conditioner(list(prompts), device)
@@ -72,10 +75,16 @@ class SDXLPathProfiler:
 
     def node_predictions(self, path: DegradationPath) -> list[torch.Tensor]:
         """The probe predictions of every node of `path` (the teacher first), each loaded as stage 2 loads it."""
-        switcher = NodeSwitcher(path, copy.deepcopy(self.frozen.teacher), teacher=self.frozen.teacher)
+        borrow = self.shared is not None and path.kind == "lora"
+        base = self.shared if borrow else copy.deepcopy(self.frozen.teacher)
+        switcher = NodeSwitcher(path, base, teacher=self.frozen.teacher)
         w, cfg = self.config.guidance_scale, self.config.intermediate_cfg
         targets = path_targets(self.teacher, lambda i: unet_eps_fn(switcher.activate(i), autocast=False), w, cfg)
-        return [self.teacher_predictions] + [self.probe.predictions(targets(i)) for i in range(1, len(path))]
+        try:
+            return [self.teacher_predictions] + [self.probe.predictions(targets(i)) for i in range(1, len(path))]
+        finally:
+            if borrow:
+                switcher.close()
 
     def profile(
         self,
