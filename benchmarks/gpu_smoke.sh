@@ -4,8 +4,10 @@
 #   2. one training iteration (the library's BacktrackingStep) vs its passes, bf16 autocast, fp32 master weights,
 #      frozen teacher in bf16, gradient checkpointing, batch 1/2/4: s/it, peak memory, GPU-busy fraction, operators
 #      per iteration (full fine-tuning of generator and fake score: about 90 GB, so an H200 or a sharded run)
-#   3. the training script under accelerate FSDP2 on one GPU, both stages, a few steps, LoRA path nodes and LoRA
-#      generator/fake score (a full-weight run writes ~60 GB of checkpoints, more than the device's disk)
+#   3. the training script on one GPU, both stages, a few steps at 1024², batch 1, LoRA path nodes and LoRA
+#      generator/fake score: the shared-base mode (--lora_base shared, the default) against the separate networks
+#      (--lora_base separate) in the same session: peak memory per stage and s/it (a full-weight run writes ~60 GB of
+#      checkpoints, more than the device's disk); benchmarks/memory.py's CPU accounting beside them
 #   4. disback export-lora on that run: its adapter as it is, and a rank-64 truncated-SVD LoRA of the merged
 #      SDXL-sized UNet against the teacher (time, size, per-layer error)
 # Each section has its own time limit so one slow part cannot take the others with it. Results land in $OUT
@@ -43,18 +45,25 @@ for BS in 1 2 4; do
     --profile 2>&1 | grep -v "^\[transformers\]" | tee "$OUT/train_step_bs$BS.txt" | grep -E "^\| one iteration|peak|GPU busy|aten ops"
 done
 
-echo "== training script, FSDP2 on one GPU, LoRA"
+echo "== training script, one GPU, LoRA: shared base vs separate networks"
 wait $BUILD; tail -2 "$OUT/teacher_build.log"
-CONFIG=examples/train_disback/configs/fsdp2.yaml; [ "$DEVICE" = cpu ] && CONFIG=examples/train_disback/configs/cpu_demo.yaml
+CONFIG=examples/train_disback/configs/single_gpu.yaml; [ "$DEVICE" = cpu ] && CONFIG=examples/train_disback/configs/cpu_demo.yaml
 TIMEV=""; [ -x /usr/bin/time ] && TIMEV="/usr/bin/time -v"
-timeout $T_RUN $TIMEV python3 -m accelerate.commands.launch --config_file "$CONFIG" --num_processes 1 \
-  examples/train_disback/train_disback_sdxl.py --pretrained_teacher_model "$TEACHER" \
-  --train_data_files examples/train_disback/data/demo_prompts.txt --output_dir /tmp/disback-run \
-  --resolution "$RES" --degradation_steps "$STEPS" --path_interval 1 --path_node_type lora --lora_rank 64 \
-  --max_train_steps "$STEPS" --fake_score_update_ratio 1 --backtrack_interval 1 --learning_rate 1e-6 \
-  --lr_warmup_steps 0 --checkpointing_steps 1000 --checkpoints_total_limit 1 --validation_steps 0 --report_to none \
-  --gradient_checkpointing --allow_tf32 > "$OUT/train_lora.log" 2>&1
-echo "script rc=$?"; grep -E "s/it\]|it/s\]|peak GPU memory|Maximum resident|Error|error" "$OUT/train_lora.log" | tail -12
+python3 benchmarks/memory.py --num_path_nodes "$STEPS" --no_activations --report "$OUT/memory.md" > "$OUT/memory.txt" 2>&1
+grep -E "^\| (full|lora)" "$OUT/memory.txt"
+for BASE in separate shared; do  # shared last: /tmp/disback-run is its run, exported below
+  rm -rf /tmp/disback-run
+  timeout $T_RUN $TIMEV python3 -m accelerate.commands.launch --config_file "$CONFIG" --num_processes 1 \
+    examples/train_disback/train_disback_sdxl.py --pretrained_teacher_model "$TEACHER" \
+    --train_data_files examples/train_disback/data/demo_prompts.txt --output_dir /tmp/disback-run \
+    --resolution "$RES" --degradation_steps "$STEPS" --path_interval 1 --path_node_type lora --lora_rank 64 \
+    --lora_base "$BASE" --max_train_steps "$STEPS" --fake_score_update_ratio 1 --backtrack_interval 1 \
+    --learning_rate 1e-6 --lr_warmup_steps 0 --checkpointing_steps 1000 --checkpoints_total_limit 1 \
+    --validation_steps 0 --report_to none --path_profile_prompts 2 --gradient_checkpointing --allow_tf32 \
+    > "$OUT/train_lora_$BASE.log" 2>&1
+  echo "script --lora_base $BASE rc=$?"
+  grep -E "s/it\]|it/s\]|peak GPU memory|Maximum resident|Error|error" "$OUT/train_lora_$BASE.log" | tail -8
+done
 df -h /tmp | tail -1
 
 echo "== export-lora, the run's adapter and a rank-64 SVD of the merged UNet"

@@ -184,3 +184,23 @@ def test_lora_nodes_load_as_adapters_of_a_shared_base_and_close_removes_them(tmp
         torch.testing.assert_close(unet_eps_fn(switcher.activate(0))(x, t, cond), unet_eps_fn(teacher)(x, t, cond))
     switcher.close()
     assert shared.adapters == {"generator"} and shared.trainable == {"generator"}
+
+
+def test_memory_accounting_at_the_sdxl_configuration(tmp_path):
+    """benchmarks/memory.py on the meta device: the shared-base LoRA mode holds at most 12 GiB between iterations at
+    the SDXL configuration (rank 64, 10 nodes, bf16), less than half of the separate networks; its adapter counts are
+    the peft adapters' own (r * (in + out) per targeted Linear)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import memory
+
+    held, n, _ = memory.main(["--no_activations", "--report", str(tmp_path / "memory.md")])
+    total = {mode: sum(b for _, b in stages["stage 2"]) / 2**30 for mode, stages in held.items()}
+    assert total["lora, shared"] <= 12 and total["lora, separate"] > 2 * total["lora, shared"]
+    assert 2.56e9 < n["unet"] < 2.58e9  # SDXL's UNet
+    with torch.device("meta"):
+        unet = memory.get_sdxl_models("sdxl")["unet"]
+    targets = [m for name, m in unet.named_modules() if name.endswith(tuple(SDXL_LORA_TARGETS))]
+    assert n["adapter"] == sum(64 * (m.in_features + m.out_features) for m in targets)

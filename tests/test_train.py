@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -259,10 +260,15 @@ SHARED = ["--lora_rank", "4", "--path_node_type", "lora", "--path_lora_rank", "4
 
 @pytest.fixture(scope="module")
 def shared_and_separate(teacher, tmp_path_factory):
+    from diffusers_disback.testing import get_tiny_taesd
+
+    taesd = tmp_path_factory.mktemp("taesd")
+    get_tiny_taesd().save_pretrained(taesd)
     runs = {}
     for mode in ("shared", "separate"):
         out = tmp_path_factory.mktemp(f"lora-{mode}")
-        proc = _run(_cmd(teacher, out, *SHARED, "--lora_base", mode))
+        extra = ["--validation_vae", str(taesd)] if mode == "shared" else []  # decoding never touches training
+        proc = _run(_cmd(teacher, out, *SHARED, "--lora_base", mode, *extra))
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[mode] = out
     return runs
@@ -289,6 +295,11 @@ def test_shared_base_lora_mode_equals_separate_networks(shared_and_separate):
     state = load_file(shared / "checkpoints" / "checkpoint-10" / "model.safetensors")
     adapters = {k.split(".lora_")[1].split(".")[1] for k in state if "lora_" in k}
     assert adapters == {"generator", "fake_score", "node_1", "node_2"}  # stage 1's adapter was removed
+    # --validation_vae (a tiny TAESD-XL here) decoded the shared run's validation images, the teacher's VAE the other's
+    from PIL import Image
+
+    grids = [np.asarray(Image.open(out / "validation" / "step-00000007.png")) for out in (shared, separate)]
+    assert grids[0].shape == grids[1].shape and np.abs(grids[0].astype(int) - grids[1]).mean() > 5
 
 
 def test_shared_base_lora_mode_resumes_mid_stage_2(teacher, shared_and_separate, tmp_path):

@@ -106,6 +106,29 @@ def test_conditioner_equals_the_pipeline_encoding():
         SDXLConditioner(c["tokenizer"], c["tokenizer_2"], c["text_encoder"], c["text_encoder_2"], 60)
 
 
+def test_offloaded_text_encoders_visit_the_device_for_each_batch_only(monkeypatch):
+    """`--offload_text_encoders`: the same conditioning, with each encoder moved to the device before the encoding
+    and back to the CPU after it (also when the encoding fails)."""
+    c = get_sdxl_components("tiny")
+    parts = (c["tokenizer"], c["tokenizer_2"], c["text_encoder"], c["text_encoder_2"], 64)
+    expected = SDXLConditioner(*parts)(["a cat"], "cpu")
+    moves = []
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = c[name]
+        monkeypatch.setattr(encoder, "to", lambda device, _e=encoder, _n=name: moves.append((_n, str(device))) or _e)
+    offloaded = SDXLConditioner(*parts, offload=True)
+    got = offloaded(["a cat"], "cpu")
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k])
+    assert moves == [("text_encoder", "cpu"), ("text_encoder_2", "cpu")] * 2  # to the device, then back
+    moves.clear()
+    monkeypatch.setattr(offloaded.encoder, "encode_prompt", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        offloaded(["a cat"], "meta")
+    assert moves == [("text_encoder", "meta"), ("text_encoder_2", "meta"), ("text_encoder", "cpu"),
+                     ("text_encoder_2", "cpu")]  # fmt: skip
+
+
 def test_run_state_round_trip():
     s = RunState(stage="backtracking", stage_step=7, global_step=17, backtracking={"target": 2})
     t = RunState()

@@ -144,6 +144,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument(
+        "--offload_text_encoders",
+        action="store_true",
+        help="keep the fp32 text encoders (3 GiB for SDXL) in CPU memory, moved to the accelerator for each batch's "
+        "prompts only",
+    )
+    p.add_argument(
         "--lora_base",
         choices=["shared", "separate"],
         default="shared",
@@ -181,6 +187,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report_to", default="tensorboard", help="tensorboard | wandb | all | none")
     p.add_argument("--logging_dir", default="logs")
     p.add_argument("--validation_steps", type=int, default=500)
+    p.add_argument(
+        "--validation_vae",
+        default=None,
+        help="decode validation images with this autoencoder instead of the teacher's VAE: an AutoencoderTiny "
+        "(TAESD-XL, e.g. madebyollin/taesdxl: a few MB, decodes 1024² images with far less memory) or an "
+        "AutoencoderKL, Hub id or folder; evaluation and the final pipeline keep the teacher's VAE",
+    )
     p.add_argument(
         "--validation_prompts",
         nargs="+",
@@ -322,8 +335,9 @@ def weight_dtype_of(accelerator) -> torch.dtype:
 
 def load_frozen_models(args, accelerator, weight_dtype) -> FrozenSDXL:
     frozen = FrozenSDXL.from_pretrained(
-        args.pretrained_teacher_model, args.resolution, weight_dtype, accelerator.device, args.revision, args.variant
-    )
+        args.pretrained_teacher_model, args.resolution, weight_dtype, accelerator.device, args.revision, args.variant,
+        offload_text_encoders=args.offload_text_encoders,
+    )  # fmt: skip
     if args.gan_loss_weight > 0 or args.degradation_gan:
         frozen.load_vae(accelerator.device, weight_dtype)
     return frozen
@@ -397,6 +411,7 @@ class Run:
     state: RunState = field(default_factory=RunState)
     pusher: BackgroundPusher | None = None
     shared: SharedBase | None = None  # the frozen teacher holding every adapter (--lora_base shared)
+    tiny_vae: torch.nn.Module | None = None  # --validation_vae, once loaded
     checkpoint_count: int = 0
     stage2_started: float | None = None  # perf_counter() when this process began stage-2 iterations
     eval_seconds: float = 0.0  # of it, spent in evaluate()
@@ -455,8 +470,11 @@ class Run:
 
     def report_peak_memory(self, what: str) -> None:
         if torch.cuda.is_available():
-            peak = torch.cuda.max_memory_allocated() / 2**30
-            logger.info(f"{what}: peak GPU memory {peak:.2f} GiB on rank {self.accelerator.process_index}")
+            peak, reserved = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+            logger.info(
+                f"{what}: peak GPU memory {peak:.2f} GiB allocated, {reserved:.2f} GiB reserved, on rank "
+                f"{self.accelerator.process_index}"
+            )
             torch.cuda.reset_peak_memory_stats()
 
     def finish(self) -> None:
@@ -524,10 +542,26 @@ def gan_term(run: Run, score, generator_weight: float = 0.0) -> SDXLGanTerm:
 
 
 @torch.no_grad()
-def decode(run: Run, x0: torch.Tensor) -> torch.Tensor:
-    """Latents to images in [0, 1] (NCHW, fp32) with the teacher's VAE."""
-    vae = run.frozen.load_vae(run.accelerator.device, run.weight_dtype)
+def decode(run: Run, x0: torch.Tensor, vae=None) -> torch.Tensor:
+    """Latents to images in [0, 1] (NCHW, fp32) with the teacher's VAE (or `vae`: any diffusers autoencoder)."""
+    vae = vae or run.frozen.load_vae(run.accelerator.device, run.weight_dtype)
     return vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample.float().clamp(-1, 1).add(1).div(2)
+
+
+def validation_vae(run: Run):
+    """`--validation_vae`, loaded once: an `AutoencoderTiny` (TAESD-XL: scaling factor 1, decodes the UNet's latents
+    as they are) or an `AutoencoderKL`; None: the teacher's VAE."""
+    source = run.args.validation_vae
+    if source is None:
+        return None
+    if run.tiny_vae is None:
+        from diffusers import AutoencoderTiny
+
+        kl = AutoencoderTiny.load_config(source).get("_class_name") == "AutoencoderKL"
+        cls = AutoencoderKL if kl else AutoencoderTiny
+        dtype = torch.bfloat16 if run.weight_dtype == torch.bfloat16 else torch.float32
+        run.tiny_vae = cls.from_pretrained(source).to(run.accelerator.device, dtype).requires_grad_(False)
+    return run.tiny_vae
 
 
 def to_pil(images: torch.Tensor) -> list:
@@ -552,7 +586,7 @@ def validate(run: Run, generator_unet, step: int) -> None:
         x0 = run.generate_fn(generator_unet)(z, cond)
     if not acc.is_main_process:
         return
-    images = decode(run, x0)
+    images = decode(run, x0, validation_vae(run))
     os.makedirs(os.path.join(args.output_dir, "validation"), exist_ok=True)
     grid = image_grid(to_pil(images))
     grid.save(os.path.join(args.output_dir, "validation", f"step-{step:08d}.png"))

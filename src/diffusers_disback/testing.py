@@ -30,6 +30,7 @@ __all__ = [
     "get_tiny_unet",
     "get_tiny_taesd",
     "get_sdxl_components",
+    "get_sdxl_models",
     "get_tiny_tokenizer",
     "save_tiny_teacher",
     "TinyFeatureExtractor",
@@ -181,15 +182,11 @@ def get_tiny_taesd(seed: int = 0, size: str = "tiny"):
     ).eval()
 
 
-def get_sdxl_components(size: str = "tiny", seed: int = 0, scheduler: str = "euler") -> dict:
+def get_sdxl_models(size: str = "tiny", seed: int = 0) -> dict:
     """
-    The components of a `StableDiffusionXLPipeline` with seeded random weights.
-
-    Args:
-        size: `"tiny"` (CPU tests; 64x64 images, 8x8 latents) or `"sdxl"` (SDXL-sized, 2.6B-parameter UNet; for GPU
-            benchmarks only).
-        seed: seeds every component.
-        scheduler: `"euler"` (SDXL base's scheduler) or `"disback"` ([`DisBackScheduler`]).
+    The networks of an SDXL pipeline with seeded random weights: `unet`, `vae`, `text_encoder`, `text_encoder_2` (no
+    scheduler or tokenizers, so that it also builds under `torch.device("meta")`: the memory accounting's SDXL-sized
+    modules without allocating them).
     """
     if size not in ("tiny", "sdxl"):
         raise ValueError(f"size must be 'tiny' or 'sdxl', got {size!r}")
@@ -207,6 +204,21 @@ def get_sdxl_components(size: str = "tiny", seed: int = 0, scheduler: str = "eul
     text_encoder_2 = CLIPTextModelWithProjection(
         CLIPTextConfig(**{**common, **(_TINY_TEXT if tiny else _SDXL_TEXT_2)})
     )
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+
+
+def get_sdxl_components(size: str = "tiny", seed: int = 0, scheduler: str = "euler") -> dict:
+    """
+    The components of a `StableDiffusionXLPipeline` with seeded random weights.
+
+    Args:
+        size: `"tiny"` (CPU tests; 64x64 images, 8x8 latents) or `"sdxl"` (SDXL-sized, 2.6B-parameter UNet; for GPU
+            benchmarks only).
+        seed: seeds every component.
+        scheduler: `"euler"` (SDXL base's scheduler) or `"disback"` ([`DisBackScheduler`]).
+    """
+    models = get_sdxl_models(size, seed)
+    unet, vae, text_encoder, text_encoder_2 = (models[k] for k in ("unet", "vae", "text_encoder", "text_encoder_2"))
     if scheduler == "disback":
         from .scheduling_disback import DisBackScheduler
 

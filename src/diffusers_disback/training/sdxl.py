@@ -21,9 +21,12 @@ class SDXLConditioner:
     penultimate hidden states of both text encoders concatenated, encoder 2's pooled projection, and
     `add_time_ids = (H, W, 0, 0, H, W)`. The unconditional branch for CFG is all zeros (SDXL's
     `force_zeros_for_empty_prompt`, and what DMD2 trains with).
+
+    `offload=True` keeps the encoders in CPU memory and moves them to `device` for each call only (3 GiB of fp32
+    SDXL encoders off the accelerator between batches, paid for with two transfers per batch; docs/training.md).
     """
 
-    def __init__(self, tokenizer, tokenizer_2, text_encoder, text_encoder_2, resolution: int):
+    def __init__(self, tokenizer, tokenizer_2, text_encoder, text_encoder_2, resolution: int, offload: bool = False):
         from diffusers import StableDiffusionXLPipeline
 
         if resolution % 8:
@@ -38,12 +41,22 @@ class SDXLConditioner:
             scheduler=None,
         )
         self.resolution = resolution
+        self.offload = offload
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], device: torch.device | str) -> dict[str, torch.Tensor]:
-        prompt_embeds, _, pooled, _ = self.encoder.encode_prompt(
-            prompts, device=torch.device(device), num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
+        encoders = (self.encoder.text_encoder, self.encoder.text_encoder_2)
+        if self.offload:
+            for encoder in encoders:
+                encoder.to(device)
+        try:
+            prompt_embeds, _, pooled, _ = self.encoder.encode_prompt(
+                prompts, device=torch.device(device), num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+        finally:
+            if self.offload:
+                for encoder in encoders:
+                    encoder.to("cpu")
         r = self.resolution
         time_ids = torch.tensor([[r, r, 0, 0, r, r]], device=device, dtype=prompt_embeds.dtype)
         return {"prompt_embeds": prompt_embeds, "text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)}
@@ -126,8 +139,10 @@ class FrozenSDXL:
         device: torch.device | str = "cpu",
         revision: str | None = None,
         variant: str | None = None,
+        offload_text_encoders: bool = False,
     ) -> FrozenSDXL:
-        """The frozen parts of the SDXL pipeline `pretrained` (a Hub id or folder) for images of `resolution`."""
+        """The frozen parts of the SDXL pipeline `pretrained` (a Hub id or folder) for images of `resolution`; with
+        `offload_text_encoders` the encoders stay in CPU memory between batches ([`SDXLConditioner`])."""
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -144,11 +159,13 @@ class FrozenSDXL:
         scheduler = DisBackScheduler.from_pretrained(pretrained, subfolder="scheduler", revision=rev)
         for m in (te, te2, teacher):
             m.requires_grad_(False).eval()
-        te, te2 = te.to(device, torch.float32), te2.to(device, torch.float32)
+        encoder_device = "cpu" if offload_text_encoders else device
+        te, te2 = te.to(encoder_device, torch.float32), te2.to(encoder_device, torch.float32)
         teacher = teacher.to(device, weight_dtype)
         return cls(
             pretrained, revision, variant, tok, tok2, te, te2, teacher, scheduler.config,
-            NoiseSchedule.from_scheduler(scheduler), SDXLConditioner(tok, tok2, te, te2, resolution),
+            NoiseSchedule.from_scheduler(scheduler),
+            SDXLConditioner(tok, tok2, te, te2, resolution, offload=offload_text_encoders),
         )  # fmt: skip
 
     def load_unet_fp32(self) -> torch.nn.Module:
