@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""DMD, DisBack with step-spaced and with distance-spaced nodes, and the warm control, in three regimes of initial
-mismatch, through the SDXL training script on the shapes teacher (docs/benchmarks.md, "Three regimes").
+"""DMD, DisBack with step-spaced and with distance-spaced nodes (the latter also with the adaptive switch rule), and
+the warm control, in three regimes of initial mismatch, through the SDXL training script on the shapes teacher
+(docs/benchmarks.md, "Three regimes").
 
     python benchmarks/path_regimes.py                                   # 4 methods x 3 seeds x 3 regimes
     python benchmarks/path_regimes.py --inits teacher --seeds 0 1 2     # one regime (runs can go in parallel:
@@ -17,7 +18,8 @@ Regimes (the generator's starting point; the teacher is always `examples/shapes/
 Every method runs the same script with the shapes recipe (`diffusers_disback.shapes.distill_arguments`), the same
 stage-2 iterations and `--intermediate_cfg node` (the path profile's finding: unguided nodes sit next to the generator,
 docs/method.md). Stage 1 runs once per seed and regime for each spacing (200 steps; step-spaced: a node every 50;
-distance-spaced: 4 nodes kept of 15 candidates); the warm control reuses the step-spaced path, and each method is
+distance-spaced: 4 nodes kept of 15 candidates); the warm control reuses the step-spaced path, the adaptive arm the
+distance-spaced one with `--backtrack_rule adaptive` (switch once half the DM distance is closed), and each method is
 charged the stage 1 it used. The in-training evaluation scores the one-step generator on every caption of the world,
 4 images each (576; a 0.05 difference in accuracy is ~2 standard errors), every 250 iterations; the final pipeline
 is also judged through the evaluation API (FD to the teacher's 25-step samples).
@@ -40,9 +42,12 @@ from shapes_compare import ROOT, curve, judge_final, random_generator, run_scrip
 from diffusers_disback.shapes import write_prompts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("dmd", "disback", "disback_distance", "warm")
+METHODS = ("dmd", "disback", "disback_distance", "disback_adaptive", "warm")
 NAMES = {"dmd": "DMD", "disback": "DisBack, step-spaced", "disback_distance": "DisBack, distance-spaced",
-         "warm": "warm control"}  # fmt: skip
+         "disback_adaptive": "DisBack, distance-spaced, adaptive switch", "warm": "warm control"}  # fmt: skip
+# beyond the recipe: the adaptive rule switches once the generator closed half its DM distance to the node (at most
+# every --backtrack_interval iterations)
+METHOD_FLAGS = {"disback_adaptive": ["--backtrack_rule", "adaptive"]}
 INITS = ("teacher", "weak", "random")
 REGIME_TITLES = {
     "teacher": "generator initialised from the teacher",
@@ -107,7 +112,7 @@ def run_all(args) -> None:
             run_args = argparse.Namespace(**{**vars(args), "max_train_steps": steps_of(args, init)})
             stage1 = {}
             for spacing, flags in STAGE1.items():
-                needed = {"step": {"disback", "warm"}, "distance": {"disback_distance"}}[spacing]
+                needed = {"step": {"disback", "warm"}, "distance": {"disback_distance", "disback_adaptive"}}[spacing]
                 if needed & set(args.methods):
                     folder = os.path.join(args.output_dir, f"{init}-s{seed}-stage1-{spacing}")
                     seconds = run_script(run_args, folder, [*common, "--stage", "degradation", *flags])
@@ -119,8 +124,8 @@ def run_all(args) -> None:
                 script_method = "disback" if method.startswith("disback") else method
                 extra = [*common, "--stage", "backtracking", "--method", script_method,
                          "--eval_steps", str(args.eval_steps), "--eval_dataset", "shapes",
-                         "--eval_images_per_prompt", str(args.eval_images_per_prompt)]  # fmt: skip
-                spacing = "distance" if method == "disback_distance" else "step"
+                         "--eval_images_per_prompt", str(args.eval_images_per_prompt), *METHOD_FLAGS.get(method, [])]  # fmt: skip
+                spacing = "distance" if method in ("disback_distance", "disback_adaptive") else "step"
                 if method != "dmd":
                     extra += ["--path_dir", os.path.join(stage1[spacing][0], "path")]
                 stage2 = run_script(run_args, run_dir, extra)
@@ -209,7 +214,8 @@ def plot(args, runs: list[dict]) -> None:
 
     inits = [i for i in INITS if any(r["init"] == i for r in runs)]
     fig, axes = plt.subplots(1, len(inits), figsize=(5 * len(inits), 3.8), squeeze=False)
-    colours = {"dmd": "tab:blue", "disback": "tab:red", "disback_distance": "tab:purple", "warm": "tab:green"}
+    colours = {"dmd": "tab:blue", "disback": "tab:red", "disback_distance": "tab:purple",
+               "disback_adaptive": "tab:orange", "warm": "tab:green"}  # fmt: skip
     for ax, init in zip(axes[0], inits):
         for method in METHODS:
             rs = [r for r in runs if r["init"] == init and r["method"] == method]
