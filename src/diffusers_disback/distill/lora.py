@@ -112,9 +112,9 @@ class SharedBase:
       adapters named `trainable` keep `requires_grad=True` throughout, every other adapter and the base stay frozen.
     - A view activates its adapters for its own call and restores the base afterwards, so a plain call of `module`
       is always the teacher.
-    - Gradient checkpointing recomputes a block during backward, when another view may be active: [`enable_gradient_
-      checkpointing`](SharedBase.enable_gradient_checkpointing) makes each recomputation run with the adapters of
-      the forward that saved it.
+    - Gradient checkpointing recomputes a block during backward, when another view may be active:
+      [`SharedBase.enable_gradient_checkpointing`] makes each recomputation run with the adapters of the forward that
+      saved it.
 
     Several adapters active at once add up (peft sums active adapters): the fake score initialised from the last
     path node is `base + node_N + fake_score`, which is the separate-networks fake score `merge(base, node_N) +
