@@ -30,13 +30,11 @@ import os
 import sys
 
 import torch
+from common import write_section
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import write_section  # noqa: E402
-
-from diffusers_disback.distill import SharedBase, lora_config  # noqa: E402
-from diffusers_disback.testing import get_sdxl_models  # noqa: E402
-from diffusers_disback.training import SDXL_LORA_TARGETS  # noqa: E402
+from diffusers_disback.distill import SharedBase, lora_config
+from diffusers_disback.testing import get_sdxl_models
+from diffusers_disback.training import SDXL_LORA_TARGETS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GiB = 2**30
