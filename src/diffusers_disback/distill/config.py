@@ -128,8 +128,9 @@ class DisBackConfig:
     use_8bit_adam: bool = _setting(False, "bitsandbytes' AdamW8bit (if installed)")
     lora_rank: int = _setting(
         0,
-        "train the generator and the fake score as LoRA adapters of this rank over frozen bases (one-GPU mode); "
-        "0: full fine-tuning. The final UNet has the generator's adapter merged in",
+        "train the generator and the fake score as LoRA adapters of this rank over frozen bases (one-GPU mode; the "
+        "SDXL script holds them on one shared teacher base, --lora_base); 0: full fine-tuning. The final UNet has the "
+        "generator's adapter merged in",
     )
     train_batch_size: int = _setting(1, "per process")
     seed: int = _setting(0, "seed of the initial weights' randomness, the data order and the training noise")
