@@ -1,7 +1,8 @@
 """The DisBack method, model-agnostic: scores, losses, stage 1 (degradation path), stage 2 (backtracking schedule),
 the training steps both stages run, the settings, and the LoRA helpers.
 
-Nothing in this package imports SDXL-specific code: a score is any epsilon-predicting callable `eps(x_t, t, cond)`.
+Nothing in this package imports model-specific code: a score is any denoising callable `pred(x_t, t, cond)` on a
+DDPM schedule (epsilon, SDXL) or a rectified-flow schedule (velocity, SD3 and FLUX).
 """
 
 from .backtracking import METHODS, BacktrackingSchedule, MethodPlan, target_score
@@ -44,7 +45,16 @@ from .losses import (
     gan_discriminator_loss,
     gan_generator_loss,
 )
-from .scores import NoiseSchedule, Score, one_step_sample
+from .scores import (
+    PREDICTION_TYPES,
+    FlowSchedule,
+    NoiseSchedule,
+    Schedule,
+    Score,
+    SigmaDistribution,
+    one_step_sample,
+    shift_sigmas,
+)
 
 __all__ = [
     "FAKE_SCORE_ADAPTER",
@@ -61,6 +71,11 @@ __all__ = [
     "MethodPlan",
     "NodeSwitcher",
     "NoiseSchedule",
+    "FlowSchedule",
+    "Schedule",
+    "SigmaDistribution",
+    "PREDICTION_TYPES",
+    "shift_sigmas",
     "OptimizerUpdate",
     "PathError",
     "PathNode",

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .scores import NoiseSchedule, Score
+from .scores import Schedule, Score
 
 
 def denoising_score_matching_loss(
@@ -24,7 +24,9 @@ def denoising_score_matching_loss(
 ) -> torch.Tensor:
     """
     Denoising score matching, Eq. 5 (teacher) / Eq. 7 (degradation and fake score):
-    `t ~ U{0..T-1}, eps ~ N(0, I)`, `L = || s(x_t, t, c) - eps ||^2` (mean).
+    `t ~ U{0..T-1}, eps ~ N(0, I)`, `L = || s(x_t, t, c) - eps ||^2` (mean). On a flow schedule `t` is the schedule's
+    sigma distribution and the target is the schedule's (`eps - x0` for velocity: the flow-matching loss). A `t` the
+    caller passes is used as it is (never shifted again).
 
     `x0` is detached: this loss trains the score network, never the generator that made `x0`.
     """
@@ -35,7 +37,7 @@ def denoising_score_matching_loss(
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
     x_t = schedule.add_noise(x0, noise, t)
-    return F.mse_loss(score.eps(x_t, t, cond).float(), noise.float())
+    return F.mse_loss(score.predict(x_t, t, cond).float(), schedule.training_target(x0, noise, t).float())
 
 
 def distribution_matching_gradient(x0: torch.Tensor, x0_target: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
@@ -73,13 +75,14 @@ def distribution_matching_step(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """
-    Noises the generator's samples at `t ~ U{min_step..max_step}` (DMD2: 2%..98% of T), asks the target (with CFG)
+    Noises the generator's samples at `t ~ U{min_step..max_step}` (DMD2: 2%..98% of T; on a flow schedule, its sigma
+    distribution over `[min_step / T, max_step / T]`), asks the target (with CFG)
     and the fake score (without) for their x0 estimates, and returns the Eq. 8 loss with diagnostics:
     `grad_norm` (mean |g|) and `dm_distance` (the RMS of `x0_hat_tgt - x0_hat_fake`: how far the generator is from
     the current target as the two scores see it, the path profile's measure at the generator's samples with the fake
     score standing in for the generator's distribution; docs/method.md, "The path profile").
     """
-    schedule: NoiseSchedule = target.schedule
+    schedule: Schedule = target.schedule
     t = schedule.sample_timesteps(x0.shape[0], min_step, max_step, generator=generator, device=x0.device)
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
     with torch.no_grad():

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .backtracking import node_target
-from .scores import EpsFn, NoiseSchedule, Score
+from .scores import EpsFn, Schedule, Score
 
 TargetFn = Callable[[Any], tuple[Score, float]]  # `cond -> (score, guidance_scale)`, as stage 2's target
 
@@ -74,21 +74,21 @@ def sample(
 ) -> torch.Tensor:
     """
     Deterministic DDIM (eta = 0) from `x_{T-1} = noise` over `num_inference_steps` evenly spaced timesteps, each step
-    `x_{t'} = sqrt(abar_t') x0_hat + sqrt(1 - abar_t') eps_hat`; returns the final `x0_hat` (float32). The teacher's
-    probe samples are drawn with it, with the CFG scale the target uses.
+    `x_{t'} = sqrt(abar_t') x0_hat + sqrt(1 - abar_t') eps_hat`; returns the final `x0_hat` (float32). On a flow
+    schedule the same step, `x_{s'} = (1 - s') x0_hat + s' eps_hat`, is the Euler step over the schedule's shifted
+    grid from `sigma = 1`. The teacher's probe samples are drawn with it, with the CFG scale the target uses.
     """
     schedule = score.schedule
-    T = schedule.num_train_timesteps
-    steps = torch.linspace(T - 1, 0, num_inference_steps + 1)[:-1].round().long().tolist()
+    steps = schedule.sampling_timesteps(num_inference_steps)
     x = noise.float()
     for i, t in enumerate(steps):
-        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        eps = score.eps(x, tt, cond, guidance_scale).float()
-        x0 = schedule.x0_from_eps(x, eps, tt)
+        tt = schedule.timesteps_of(t, x.shape[0], x.device)
+        pred = score.predict(x, tt, cond, guidance_scale).float()
+        x0 = schedule.x0_from_prediction(x, pred, tt)
         if i == len(steps) - 1:
             return x0
-        nxt = torch.full_like(tt, steps[i + 1])
-        x = schedule.add_noise(x0, eps, nxt)
+        eps = schedule.eps_from_prediction(x, pred, tt)
+        x = schedule.add_noise(x0, eps, schedule.timesteps_of(steps[i + 1], x.shape[0], x.device))
     return x
 
 
@@ -103,7 +103,7 @@ class ScoreProbe:
         cond: their conditioning (batch `M`).
         timesteps: the `t` grid, `(G,)`.
         noise: `(G, M, C, H, W)`, one fixed draw per grid point and sample.
-        schedule: the teacher's [`NoiseSchedule`].
+        schedule: the teacher's schedule ([`NoiseSchedule`] or [`FlowSchedule`]).
         num_generator: how many of `samples` (the first) are the generator's.
         batch_size: samples per network call.
     """
@@ -112,14 +112,14 @@ class ScoreProbe:
     cond: Any
     timesteps: torch.Tensor
     noise: torch.Tensor
-    schedule: NoiseSchedule
+    schedule: Schedule
     num_generator: int
     batch_size: int = 64
 
     @classmethod
     def build(
         cls,
-        schedule: NoiseSchedule,
+        schedule: Schedule,
         generator_samples: torch.Tensor,
         teacher_samples: torch.Tensor,
         cond: Any,
@@ -142,7 +142,7 @@ class ScoreProbe:
         if num_timesteps < 1:
             raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
         samples = torch.cat([generator_samples, teacher_samples]).float()
-        timesteps = torch.linspace(min_step, max_step, num_timesteps).round().long()
+        timesteps = schedule.timestep_grid(min_step, max_step, num_timesteps)
         rng = torch.Generator().manual_seed(seed)
         noise = torch.randn((num_timesteps, *samples.shape), generator=rng).to(samples.device)
         return cls(samples, cat_cond([cond, cond]), timesteps, noise, schedule, generator_samples.shape[0], batch_size)
@@ -157,7 +157,7 @@ class ScoreProbe:
             for start in range(0, M, self.batch_size):
                 rows = slice(start, min(start + self.batch_size, M))
                 x0 = self.samples[rows]
-                tt = torch.full((x0.shape[0],), t, dtype=torch.long, device=x0.device)
+                tt = self.schedule.timesteps_of(t, x0.shape[0], x0.device)
                 x_t = self.schedule.add_noise(x0, self.noise[g, rows], tt)
                 score, guidance_scale = target(index_cond(self.cond, rows))
                 out[g, rows] = score.x0(x_t, tt, index_cond(self.cond, rows), guidance_scale).float().cpu()
