@@ -60,14 +60,14 @@ def placed(teacher, tmp_path_factory):
 
 def test_distance_is_zero_for_the_teacher_and_grows_along_a_recorded_path(teacher, placed):
     from diffusers_disback.training import FrozenSDXL
-    from diffusers_disback.training.path_profile import SDXLPathProfiler
+    from diffusers_disback.training.path_profile import PathProfiler
 
     frozen = FrozenSDXL.from_pretrained(teacher, 64)
     config = DisBackConfig(guidance_scale=4.0, intermediate_cfg="node", path_profile_timesteps=3)
-    profiler = SDXLPathProfiler(frozen, frozen.load_generator(None), ["a cat", "a dog", "a car"], config, "cpu")
+    profiler = PathProfiler(frozen, frozen.load_generator(None), ["a cat", "a dog", "a car"], config, "cpu")
     assert profiler.distance(frozen.teacher) == 0.0  # the teacher guided as a node is the teacher
     # unguided, the teacher is not its guided self: the CFG gap an unguided node carries (docs/method.md)
-    unguided = SDXLPathProfiler(
+    unguided = PathProfiler(
         frozen, frozen.load_generator(None), ["a cat", "a dog", "a car"],
         DisBackConfig(guidance_scale=4.0, intermediate_cfg="none", path_profile_timesteps=3), "cpu",
     )  # fmt: skip

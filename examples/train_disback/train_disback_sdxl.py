@@ -34,10 +34,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
-from diffusers_disback import DisBackPipeline, DisBackScheduler
 from diffusers_disback.distill import (
     FAKE_SCORE_ADAPTER,
     GENERATOR_ADAPTER,
@@ -69,15 +68,14 @@ from diffusers_disback.hub import append_card_markdown, save_for_hub
 from diffusers_disback.images import image_grid
 from diffusers_disback.lora_export import RUN_ADAPTER_DIR, save_run_adapter
 from diffusers_disback.training import (
-    SDXL_LORA_TARGETS,
     BackgroundPusher,
     FakeScoreWithHead,
+    FrozenSD3,
     FrozenSDXL,
     ImageStream,
     PromptStream,
     ResumePlan,
     RunState,
-    SDXLConditioner,
     SDXLGanTerm,
     clip_grad_norm,
     finite_or_skip,
@@ -87,9 +85,8 @@ from diffusers_disback.training import (
     prepare_trainable,
     restore_checkpoint,
     save_checkpoint,
-    unet_eps_fn,
 )
-from diffusers_disback.training.path_profile import PROFILE_PLOT, SDXLPathProfiler, write_profile
+from diffusers_disback.training.path_profile import PROFILE_PLOT, PathProfiler, write_profile
 
 logger = get_logger(__name__)
 # the generator's LR schedule steps every stage-2 iteration, as the reference's does; torch warns when a schedule
@@ -99,15 +96,30 @@ warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step
 
 # ------------------------------------------------------------------------------------------------- 1. arguments
 
+# What differs per teacher family lives in its module under `diffusers_disback.training` (`FrozenSDXL`, `FrozenSD3`:
+# components, conditioning, the score call, the unconditional branch, LoRA targets); here are only the pipeline
+# class a teacher folder names and the defaults that differ. `train_disback_sd3.py` runs this loop with "sd3".
+FAMILIES = {
+    "sdxl": {"name": "SDXL", "pipelines": ("StableDiffusionXLPipeline", "DisBackPipeline"), "defaults": {}},
+    "sd3": {
+        "name": "SD3/SD3.5",
+        "pipelines": ("StableDiffusion3Pipeline", "DisBackSD3Pipeline"),
+        # sigma = 1: pure noise; CFG 4.5 (peers report over-saturation at 7; docs/training.md, "Flow-matching teachers")
+        "defaults": {"conditioning_timestep": 1000, "guidance_scale": 4.5, "output_dir": "disback-sd3"},
+    },
+}
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The script's own flags, then one flag per method setting (`DisBackConfig`); `args.config` holds the latter."""
+
+def parse_args(argv=None, family: str = "sdxl") -> argparse.Namespace:
+    """The script's own flags, then one flag per method setting (`DisBackConfig`); `args.config` holds the latter.
+    `family` ("sdxl" or "sd3") picks the teacher's glue and the defaults that differ (`FAMILIES`)."""
+    name = FAMILIES[family]["name"]
     p = argparse.ArgumentParser(
-        description="DisBack: distribution backtracking distillation of SDXL (both stages).",
+        description=f"DisBack: distribution backtracking distillation of {name} (both stages).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     # models
-    p.add_argument("--pretrained_teacher_model", required=True, help="SDXL teacher: Hub repo id or local folder")
+    p.add_argument("--pretrained_teacher_model", required=True, help=f"{name} teacher: Hub repo id or local folder")
     p.add_argument("--revision", default=None)
     p.add_argument("--variant", default=None, help="teacher weights variant, e.g. fp16")
     p.add_argument(
@@ -240,8 +252,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--hub_space_id", default=None, help="after the final push, also push the model's web app as a Gradio Space"
     )
     p.add_argument("--hub_push_every", type=int, default=0, help="also push every N-th checkpoint (0: never)")
+    add_family_arguments(p, family)
     add_config_arguments(p)
+    p.set_defaults(**FAMILIES[family]["defaults"])
     args = p.parse_args(argv)
+    args.family = family
 
     if (args.dataset_name is None) == (args.train_data_files is None):
         p.error("give exactly one of --dataset_name and --train_data_files")
@@ -257,6 +272,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.push_to_hub and not args.hub_model_id:
         p.error("--push_to_hub needs --hub_model_id")
     check_lora_base(p, args)
+    check_family(p, args)
     trackers = {"all": ["tensorboard", "wandb"], "none": []}.get(args.report_to, args.report_to.split(","))
     for name in trackers:
         if name in ("tensorboard", "wandb") and importlib.util.find_spec(name) is None:
@@ -269,6 +285,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     except ValueError as e:
         p.error(str(e))
     return args
+
+
+def add_family_arguments(p: argparse.ArgumentParser, family: str) -> None:
+    """The flags only one family has."""
+    if family == "sd3":
+        p.add_argument(
+            "--max_sequence_length", type=int, default=256, help="T5 tokens of the prompt embedding (SD3's default)"
+        )
+        p.add_argument(
+            "--no_t5", action="store_true", help="drop the teacher's T5 encoder: its half of the embedding is zeros"
+        )
+
+
+def check_family(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What only the SDXL glue offers."""
+    if args.family != "sdxl" and (args.gan_loss_weight > 0 or args.degradation_gan):
+        name = FAMILIES[args.family]["name"]
+        p.error(f"the GAN term is built on the SDXL UNet's mid-block features; it is not available for {name}")
 
 
 def check_lora_base(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -310,7 +344,7 @@ def make_accelerator(args) -> Accelerator:
         accelerator.init_trackers(
             "disback", config={k: str(v) if isinstance(v, list) else v for k, v in config.items()}
         )
-    if args.pretrained_generator is None:  # said once: stage 1, stage 2 and the LoRA merge all load the generator
+    if args.pretrained_generator is None and args.family == "sdxl":  # said once: both stages load the generator
         logger.warning(
             "the generator starts from the teacher's UNet (no --pretrained_generator). DMD2's authors report that a "
             "one-step SDXL generator needs regression pre-training or a DMD2 start (the released DisBack SDXL run "
@@ -333,7 +367,35 @@ def weight_dtype_of(accelerator) -> torch.dtype:
 # --------------------------------------------------------------------------------------------- 3. frozen models
 
 
-def load_frozen_models(args, accelerator, weight_dtype) -> FrozenSDXL:
+def check_teacher_family(args) -> None:
+    """A teacher of another family gets one line naming the script to use, not a stack of missing-key errors."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        cls = DiffusionPipeline.load_config(args.pretrained_teacher_model, revision=args.revision)["_class_name"]
+    except (OSError, KeyError, ValueError):
+        return  # not a pipeline folder: loading says what is missing
+    for family, spec in FAMILIES.items():
+        if cls in spec["pipelines"] and family != args.family:
+            script = "train_disback_sd3.py" if family == "sd3" else "train_disback_sdxl.py"
+            raise ValueError(
+                f"{args.pretrained_teacher_model} is a {cls} ({spec['name']}) teacher; this run expects "
+                f"{FAMILIES[args.family]['name']}: use examples/train_disback/{script}"
+            )
+
+
+def load_frozen_models(args, accelerator, weight_dtype) -> FrozenSDXL | FrozenSD3:
+    """The teacher's frozen parts, by family: `FrozenSDXL` or `FrozenSD3` (one interface; docs/training.md)."""
+    check_teacher_family(args)
+    if args.family == "sd3":
+        frozen = FrozenSD3.from_pretrained(
+            args.pretrained_teacher_model, args.resolution, args.config, weight_dtype, accelerator.device,
+            args.revision, args.variant, offload_text_encoders=args.offload_text_encoders,
+            max_sequence_length=args.max_sequence_length, use_t5=not args.no_t5,
+        )  # fmt: skip
+        frozen.generator_timestep(args.config.conditioning_timestep)  # checked before any work
+        logger.info(f"flow schedules: { ({k: v.describe() for k, v in frozen.schedules.items()}) }")
+        return frozen
     frozen = FrozenSDXL.from_pretrained(
         args.pretrained_teacher_model, args.resolution, weight_dtype, accelerator.device, args.revision, args.variant,
         offload_text_encoders=args.offload_text_encoders,
@@ -350,7 +412,7 @@ class Batches:
     """This rank's training batches: prompts (conditioning) with the generator's input noise, and real images for the
     GAN term, both from resumable streams; `rng` is the training noise (also of the losses)."""
 
-    def __init__(self, args, accelerator, frozen: FrozenSDXL):
+    def __init__(self, args, accelerator, frozen: FrozenSDXL | FrozenSD3):
         self.args, self.accelerator, self.frozen = args, accelerator, frozen
         rank, world = accelerator.process_index, accelerator.num_processes
         self.prompts = PromptStream(
@@ -362,7 +424,7 @@ class Batches:
         if args.gan_loss_weight > 0 or args.degradation_gan:
             self.real = real_image_stream(args, rank, world)
         self.rng = torch.Generator().manual_seed(args.seed * 1000 + rank)
-        self.latent_shape = (4, args.resolution // 8, args.resolution // 8)
+        self.latent_shape = frozen.latent_shape(args.resolution)
 
     @property
     def streams(self) -> dict:
@@ -406,7 +468,7 @@ class Run:
     args: argparse.Namespace
     accelerator: Accelerator
     weight_dtype: torch.dtype
-    frozen: FrozenSDXL
+    frozen: FrozenSDXL | FrozenSD3
     batches: Batches
     state: RunState = field(default_factory=RunState)
     pusher: BackgroundPusher | None = None
@@ -427,10 +489,10 @@ class Run:
         return self.args.config
 
     def generate_fn(self, unet, autocast: bool = True):
-        """`(z, cond) -> x0`: the one-step sample of `unet` at `--conditioning_timestep`."""
-        eps = unet_eps_fn(unet, autocast=autocast)
-        t_c = self.config.conditioning_timestep
-        return lambda z, cond: one_step_sample(eps, z, cond, self.frozen.noise_schedule, t_c)
+        """`(z, cond) -> x0`: the one-step sample of `unet` (a UNet or transformer) at `--conditioning_timestep`."""
+        pred = self.frozen.score_fn(unet, autocast=autocast)
+        t_c = self.frozen.generator_timestep(self.config.conditioning_timestep)
+        return lambda z, cond: one_step_sample(pred, z, cond, self.frozen.noise_schedule, t_c)
 
     def update_fn(self, models: dict, optimizers: dict, params: dict) -> OptimizerUpdate:
         """The training steps' `update(name, loss)`: accelerate's backward, clipping that works under FSDP2 (on a shared
@@ -523,7 +585,7 @@ def make_run(args, accelerator) -> Run:
 def trainable_unet(run: Run, unet, rank: int, adapter_name: str, with_head: bool):
     """A UNet made trainable (full, or a LoRA adapter of `rank`), with the discriminator head if `with_head`; returns
     the module and its fp32 master parameters."""
-    config = lora_config(rank, SDXL_LORA_TARGETS) if rank else None
+    config = lora_config(rank, run.frozen.lora_targets) if rank else None
     params = make_trainable(unet, config, run.weight_dtype, adapter_name, run.args.gradient_checkpointing)
     if with_head:  # the discriminator head reads the score's mid-block features and trains with it
         unet = FakeScoreWithHead(unet, run.args.resolution // 8)
@@ -545,7 +607,8 @@ def gan_term(run: Run, score, generator_weight: float = 0.0) -> SDXLGanTerm:
 def decode(run: Run, x0: torch.Tensor, vae=None) -> torch.Tensor:
     """Latents to images in [0, 1] (NCHW, fp32) with the teacher's VAE (or `vae`: any diffusers autoencoder)."""
     vae = vae or run.frozen.load_vae(run.accelerator.device, run.weight_dtype)
-    return vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample.float().clamp(-1, 1).add(1).div(2)
+    latents = run.frozen.decode_latents(vae, x0)
+    return vae.decode(latents.to(vae.dtype)).sample.float().clamp(-1, 1).add(1).div(2)
 
 
 def validation_vae(run: Run):
@@ -733,7 +796,7 @@ def open_path(run: Run, plan: ResumePlan, lora) -> tuple[DegradationPath | None,
     return path, DegradationPath.create(candidates_dir, teacher, kind=kind, lora_config=lora)
 
 
-def path_profiler(run: Run, generator) -> SDXLPathProfiler | None:
+def path_profiler(run: Run, generator) -> PathProfiler | None:
     """The probe of the path profile (every rank builds the same one: a live UNet is measured by all ranks), from
     the first `--path_profile_prompts` captions of a stream of its own (the training stream does not move)."""
     args, config = run.args, run.config
@@ -745,7 +808,7 @@ def path_profiler(run: Run, generator) -> SDXLPathProfiler | None:
         seed=args.seed + 1,
     ).take(config.path_profile_prompts)  # fmt: skip
     device = run.accelerator.device
-    return SDXLPathProfiler(run.frozen, generator, prompts, config, device, seed=args.seed + 1, shared=run.shared)
+    return PathProfiler(run.frozen, generator, prompts, config, device, seed=args.seed + 1, shared=run.shared)
 
 
 def add_path_node(run: Run, path: DegradationPath | None, degrading, step: int, distance: float | None) -> None:
@@ -779,9 +842,10 @@ def degradation_networks(run: Run, rank: int):
         generator = generator.to(acc.device, run.weight_dtype).requires_grad_(False)
     if shared is not None:
         module = run.frozen.teacher
-        params = shared.add_adapter(lora_config(rank, SDXL_LORA_TARGETS), LORA_ADAPTER, trainable=True)
+        params = shared.add_adapter(lora_config(rank, run.frozen.lora_targets), LORA_ADAPTER, trainable=True)
     else:
-        module, params = trainable_unet(run, run.frozen.load_unet_fp32(), rank, LORA_ADAPTER, config.degradation_gan)
+        teacher = run.frozen.load_teacher_fp32()
+        module, params = trainable_unet(run, teacher, rank, LORA_ADAPTER, config.degradation_gan)
     optimizer = make_optimizer(params, config.degradation_learning_rate, config)
     lr_scheduler = make_lr_scheduler(optimizer, config, config.degradation_steps, acc.num_processes)
     module, optimizer, lr_scheduler = prepare_trainable(acc, module, optimizer, lr_scheduler)
@@ -799,11 +863,11 @@ def run_degradation(run: Run, plan: ResumePlan) -> None:
     generator, degrading, module, optimizer, lr_scheduler = degradation_networks(run, rank)
     if plan.resumes("degradation"):
         run.restore(plan, "degradation")
-    path, candidates = open_path(run, plan, lora_config(rank, SDXL_LORA_TARGETS) if rank else None)
+    path, candidates = open_path(run, plan, lora_config(rank, run.frozen.lora_targets) if rank else None)
     profiler = path_profiler(run, generator)
     step_fn = DegradationStep(
         generator=run.generate_fn(generator, autocast=False),  # frozen, held in the compute dtype
-        degrading=Score(unet_eps_fn(degrading), run.frozen.noise_schedule),
+        degrading=Score(run.frozen.score_fn(degrading), run.frozen.denoising_schedule),
         update=run.update_fn(
             {"degrading": module}, {"degrading": optimizer}, {"degrading": optimizer.param_groups[0]["params"]}
         ),
@@ -852,7 +916,7 @@ def run_degradation(run: Run, plan: ResumePlan) -> None:
     acc.free_memory()
 
 
-def keep_by_distance(run: Run, profiler: SDXLPathProfiler, path: DegradationPath, candidates) -> list[torch.Tensor]:
+def keep_by_distance(run: Run, profiler: PathProfiler, path: DegradationPath, candidates) -> list[torch.Tensor]:
     """Distance spacing, at the last stage-1 step: of the candidates, the `--num_path_nodes` evenly spaced in distance
     between neighbours become the path (written before the final checkpoint, so a resumed run chooses them again).
     Returns the kept nodes' probe predictions (the teacher first), for the profile."""
@@ -866,9 +930,7 @@ def keep_by_distance(run: Run, profiler: SDXLPathProfiler, path: DegradationPath
     return [predictions[0]] + [predictions[i] for i in chosen]
 
 
-def profile_recorded_path(
-    run: Run, profiler: SDXLPathProfiler, path: DegradationPath, candidates, predictions
-) -> None:
+def profile_recorded_path(run: Run, profiler: PathProfiler, path: DegradationPath, candidates, predictions) -> None:
     """The path's profile at the end of stage 1: into the manifest, a plot beside it, TensorBoard and the log."""
     profile = profiler.profile(path, candidates, predictions)
     plot = write_profile(path, profile)
@@ -886,14 +948,14 @@ def backtracking_target(run: Run, switcher: NodeSwitcher, schedule: Backtracking
     """`cond -> (score, guidance)`: the current target of `schedule`; the teacher and path nodes are frozen and held
     in the compute dtype, so they run outside autocast."""
     frozen, config = run.frozen, run.config
-    teacher_eps = unet_eps_fn(frozen.teacher, autocast=False)
+    teacher_pred = frozen.score_fn(frozen.teacher, autocast=False)
 
-    def node_eps(index):
-        return unet_eps_fn(switcher.activate(index), autocast=False)
+    def node_pred(index):
+        return frozen.score_fn(switcher.activate(index), autocast=False)
 
     def target(cond) -> tuple[Score, float]:
-        teacher = Score(teacher_eps, frozen.noise_schedule, uncond=SDXLConditioner.uncond(cond))
-        return target_score(schedule, node_eps, teacher, config.guidance_scale, config.intermediate_cfg)
+        teacher = Score(teacher_pred, frozen.noise_schedule, uncond=frozen.conditioner.uncond(cond))
+        return target_score(schedule, node_pred, teacher, config.guidance_scale, config.intermediate_cfg)
 
     return target
 
@@ -937,7 +999,7 @@ def run_backtracking(run: Run, plan: ResumePlan) -> tuple[torch.nn.Module, Degra
         generator, params_g = trainable_unet(
             run, run.frozen.load_generator(args.pretrained_generator), config.lora_rank, GENERATOR_ADAPTER, False
         )
-        fake = run.frozen.load_unet_fp32()
+        fake = run.frozen.load_teacher_fp32()
         if method.fake_score_node is not None:  # s_phi <- R[0]
             fake.load_state_dict(path.merged_state_dict(fake, method.fake_score_node))
         fake, params_f = trainable_unet(run, fake, config.lora_rank, FAKE_SCORE_ADAPTER, gan)
@@ -961,10 +1023,10 @@ def run_backtracking(run: Run, plan: ResumePlan) -> tuple[torch.nn.Module, Degra
     min_step, max_step = config.timestep_range(run.frozen.noise_schedule.num_train_timesteps)
     step_fn = BacktrackingStep(
         generator=run.generate_fn(generator),
-        fake_score=Score(unet_eps_fn(fake), run.frozen.noise_schedule),
+        fake_score=Score(run.frozen.score_fn(fake), run.frozen.noise_schedule),
         # in the DM loss the fake score runs in fp32 outside autocast, as DMD2's does (its gradient is the
         # difference of two x0 estimates, which bf16 rounding would blur as the generator closes in)
-        fake_score_dm=Score(unet_eps_fn(fake, autocast=False), run.frozen.noise_schedule),
+        fake_score_dm=Score(run.frozen.score_fn(fake, autocast=False), run.frozen.noise_schedule),
         target=backtracking_target(run, switcher, schedule),
         schedule=schedule,
         update=run.update_fn(models, optimizers, {"generator": params_g, "fake_score": params_f}),
@@ -1021,7 +1083,7 @@ def shared_base_networks(run: Run, path: DegradationPath, method: MethodPlan):
     modules by network name.
     """
     args, config, acc, shared = run.args, run.config, run.accelerator, run.shared
-    adapter = lora_config(config.lora_rank, SDXL_LORA_TARGETS)
+    adapter = lora_config(config.lora_rank, run.frozen.lora_targets)
     own_generator = args.pretrained_generator is not None  # a different UNet: it cannot share the teacher's weights
     if own_generator:
         gen_module, params_g = trainable_unet(
@@ -1093,22 +1155,8 @@ def save_final(run: Run, generator, path: DegradationPath) -> None:
     args, acc = run.args, run.accelerator
     state, adapter = final_unet_state(run, generator)
     if acc.is_main_process:
-        unet = UNet2DConditionModel.from_config(run.frozen.teacher.config)
-        unet.load_state_dict(state)
-        frozen = run.frozen
-        vae = AutoencoderKL.from_pretrained(args.pretrained_teacher_model, subfolder="vae", revision=args.revision)
-        pipe = DisBackPipeline(
-            vae=vae,
-            text_encoder=frozen.text_encoder.float().cpu(),
-            text_encoder_2=frozen.text_encoder_2.float().cpu(),
-            tokenizer=frozen.tokenizer,
-            tokenizer_2=frozen.tokenizer_2,
-            unet=unet,
-            # the timestep the generator was trained at, not the teacher's scheduler default
-            scheduler=DisBackScheduler.from_config(
-                frozen.scheduler_config, conditioning_timestep=run.config.conditioning_timestep
-            ),
-        )
+        # the family's one-step pipeline (DisBackPipeline, DisBackSD3Pipeline) at the generator's trained timestep
+        pipe = run.frozen.final_pipeline(state, run.config.conditioning_timestep)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(acc.device)  # samples for the card render on the accelerator
         final = os.path.join(args.output_dir, "final")
@@ -1124,7 +1172,7 @@ def save_final(run: Run, generator, path: DegradationPath) -> None:
         with open(os.path.join(final, "disback_config.json"), "w", encoding="utf-8") as f:
             f.write(run.config.to_json_string())
         card_path_profile(path, final)
-        if adapter:  # the LoRA users put on their own SDXL model (`disback export-lora`, docs/lora.md)
+        if adapter:  # the LoRA users put on their own model (`disback export-lora`, docs/lora.md)
             save_run_adapter(adapter, os.path.join(final, RUN_ADAPTER_DIR), GENERATOR_ADAPTER)
         logger.info(f"final pipeline written to {final}")
         if run.pusher:
@@ -1149,8 +1197,8 @@ def card_path_profile(path: DegradationPath, final: str) -> None:
 # ------------------------------------------------------------------------------------------------------------ main
 
 
-def main(argv=None):
-    args = parse_args(argv)  # 1. arguments
+def main(argv=None, family: str = "sdxl"):
+    args = parse_args(argv, family)  # 1. arguments
     accelerator = make_accelerator(args)  # 2. accelerator
     run = make_run(args, accelerator)  # 3. frozen models, 4. data
     try:

@@ -258,7 +258,7 @@ def _path_profile(args) -> int:
 
     from .distill import DegradationPath, DisBackConfig
     from .training import FrozenSDXL
-    from .training.path_profile import PROFILE_PLOT, SDXLPathProfiler, judge_nodes
+    from .training.path_profile import PROFILE_PLOT, PathProfiler, judge_nodes
 
     path = DegradationPath.load(args.path)
     if args.prompts:
@@ -286,7 +286,7 @@ def _path_profile(args) -> int:
         guidance_scale=args.guidance_scale, intermediate_cfg=args.intermediate_cfg,
         conditioning_timestep=args.conditioning_timestep, path_profile_timesteps=args.timesteps,
     )  # fmt: skip
-    profiler = SDXLPathProfiler(frozen, generator, prompts, config, device, seed=args.seed)
+    profiler = PathProfiler(frozen, generator, prompts, config, device, seed=args.seed)
     profile = profiler.profile(path)
     if args.judge == "shapes":
         profile.judge = judge_nodes(path, teacher, os.path.join(args.output or args.path, "path_profile_judge"))

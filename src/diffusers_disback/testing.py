@@ -1,10 +1,12 @@
-"""Tiny SDXL-shaped components, built offline, for tests, the demo and benchmarks.
+"""Tiny SDXL- and SD3-shaped components, built offline, for tests, the demo and benchmarks.
 
 Nothing here downloads: the CLIP tokenizer is written from a byte-level vocabulary generated at run time, and every
 model is built from a config with seeded random weights. The shapes follow SDXL (two text encoders whose penultimate
 hidden states are concatenated, `text_time` added conditioning, an 8x-downsampling VAE), only much smaller.
 
-`python -m diffusers_disback.testing OUT_DIR` saves a tiny teacher as a `StableDiffusionXLPipeline` folder.
+`python -m diffusers_disback.testing OUT_DIR` saves a tiny teacher as a `StableDiffusionXLPipeline` folder (`--family
+sd3`: a `StableDiffusion3Pipeline` folder: an MMDiT `SD3Transformer2DModel`, two CLIP encoders and no T5, a VAE with
+SD3's layout, 16 latent channels and its shift and scaling factors, SD3's flow-matching scheduler with shift 3).
 `get_sdxl_components(size="sdxl")` builds SDXL-sized random-weight components for GPU benchmarks.
 
 For evaluation tests: `TinyFeatureExtractor` stands in for the FID Inception network, `get_tiny_clip_scorer` for the
@@ -31,6 +33,11 @@ __all__ = [
     "get_tiny_taesd",
     "get_sdxl_components",
     "get_sdxl_models",
+    "get_sd3_components",
+    "get_tiny_sd3_transformer",
+    "get_tiny_flux_transformer",
+    "save_tiny_sd3_teacher",
+    "TINY_SD3_TRANSFORMER_CONFIG",
     "get_tiny_tokenizer",
     "save_tiny_teacher",
     "TinyFeatureExtractor",
@@ -242,6 +249,89 @@ def get_sdxl_components(size: str = "tiny", seed: int = 0, scheduler: str = "eul
     }
 
 
+# SD3's layout, small: an MMDiT over 16-channel latents (patch 1), two CLIP encoders of width 32 (joint 64 = 32 + 32,
+# pooled 64 = 32 + 32 projections), no T5
+TINY_SD3_TRANSFORMER_CONFIG = {
+    "sample_size": 8,
+    "patch_size": 1,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 2,
+    "attention_head_dim": 8,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 64,
+    "caption_projection_dim": 32,
+    "pooled_projection_dim": 64,
+    "pos_embed_max_size": 32,
+}
+# stabilityai/stable-diffusion-3-medium-diffusers scheduler/scheduler_config.json
+SD3_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 3.0}
+_TINY_SD3_VAE = {
+    **_TINY_VAE,
+    "latent_channels": 16,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "shift_factor": 0.0609,  # SD3's VAE: latents = (z - shift_factor) * scaling_factor
+    "scaling_factor": 1.5035,
+}
+
+
+def get_tiny_sd3_transformer(seed: int = 0, **overrides):
+    """The tiny SD3-shaped MMDiT ([`TINY_SD3_TRANSFORMER_CONFIG`])."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(**{**TINY_SD3_TRANSFORMER_CONFIG, **overrides})
+
+
+def get_tiny_flux_transformer(seed: int = 0, guidance_embeds: bool = True):
+    """A tiny `FluxTransformer2DModel` with embedded guidance (FLUX.1-dev's kind): 4 latent channels packed 2x2 into
+    16 features per token, a joint width of 32 and pooled 32 (one CLIP of width 32 and its projection)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        guidance_embeds=guidance_embeds,
+    )  # fmt: skip
+
+
+def get_sd3_components(seed: int = 0, transformer: dict | None = None) -> dict:
+    """The components of a `StableDiffusion3Pipeline` with seeded random weights, tiny, without T5
+    (`text_encoder_3=None`, which SD3's pipeline supports: its T5 half of the prompt embedding is zeros);
+    `transformer` overrides entries of [`TINY_SD3_TRANSFORMER_CONFIG`]."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    common = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1, vocab_size=1000, hidden_act="gelu")
+    encoders = []
+    for _ in range(2):
+        torch.manual_seed(seed + len(encoders))
+        config = CLIPTextConfig(**common, **_TINY_TEXT, projection_dim=32)
+        encoders.append(CLIPTextModelWithProjection(config).eval())
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**_TINY_SD3_VAE).eval()
+    return {
+        "transformer": get_tiny_sd3_transformer(seed, **(transformer or {})).eval(),
+        "scheduler": FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG),
+        "vae": vae,
+        "text_encoder": encoders[0],
+        "tokenizer": get_tiny_tokenizer(),
+        "text_encoder_2": encoders[1],
+        "tokenizer_2": get_tiny_tokenizer(pad_token="!"),
+        "text_encoder_3": None,
+        "tokenizer_3": None,
+    }
+
+
+def save_tiny_sd3_teacher(output_dir: str, seed: int = 0, transformer: dict | None = None) -> str:
+    """Saves a tiny SD3-shaped teacher ([`get_sd3_components`]) as a `StableDiffusion3Pipeline` folder."""
+    from diffusers import StableDiffusion3Pipeline
+
+    StableDiffusion3Pipeline(**get_sd3_components(seed, transformer)).save_pretrained(output_dir)
+    return output_dir
+
+
 def save_tiny_teacher(output_dir: str, seed: int = 0, size: str = "tiny") -> str:
     """Saves a tiny SDXL-shaped teacher (or, with `size="sdxl"`, an SDXL-sized random one) as a
     `StableDiffusionXLPipeline` folder and returns its path."""
@@ -359,12 +449,16 @@ def write_tiny_caption_set(directory: str, num: int = 24, size: tuple[int, int] 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Save a tiny SDXL-shaped teacher pipeline (random weights).")
+    parser = argparse.ArgumentParser(description="Save a tiny SDXL- or SD3-shaped teacher pipeline (random weights).")
     parser.add_argument("output_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=["tiny", "sdxl"], default="tiny", help="sdxl: SDXL-sized (about 14 GB)")
+    parser.add_argument("--family", choices=["sdxl", "sd3"], default="sdxl", help="sd3: a tiny SD3-shaped teacher")
     args = parser.parse_args(argv)
-    print(save_tiny_teacher(args.output_dir, seed=args.seed, size=args.size))
+    if args.family == "sd3":
+        print(save_tiny_sd3_teacher(args.output_dir, seed=args.seed))
+    else:
+        print(save_tiny_teacher(args.output_dir, seed=args.seed, size=args.size))
 
 
 if __name__ == "__main__":

@@ -101,10 +101,32 @@ class DisBackConfig:
         "guided with --guidance_scale",
         ("node", "none", "teacher"),
     )
-    conditioning_timestep: int = _setting(399, "t_c: the timestep the one-step generator is fed pure noise at")
+    conditioning_timestep: int = _setting(
+        399, "t_c: the timestep the one-step generator is fed pure noise at (flow teachers: 1000, sigma = t_c / 1000)"
+    )
     guidance_scale: float = _setting(8.0, "teacher CFG in the distribution-matching loss (SDXL: 8)")
     min_step_percent: float = _setting(0.02, "DM loss: t ~ U{min..max} as fractions of T (DMD2: 0.02..0.98)")
     max_step_percent: float = _setting(0.98, "DM loss: upper end of t, a fraction of T")
+    # ------------------------------------------------------------- flow-matching teachers (SD3; the DDPM ignores it)
+    dm_timestep_distribution: str = _setting(
+        "uniform",
+        "flow teachers: the sigma distribution of the DM loss (over its min..max range) and of the fake score's "
+        "denoising loss, before the shift",
+        ("uniform", "logit_normal"),
+    )
+    dm_timestep_shift: float = _setting(
+        1.0, "flow teachers: the shift s*sigma/(1+(s-1)*sigma) applied once to the DM loss's and fake score's sigmas"
+    )
+    denoising_timestep_distribution: str = _setting(
+        "logit_normal",
+        "flow teachers: stage 1's denoising-loss sigma distribution (SD3's training: logit-normal)",
+        ("uniform", "logit_normal"),
+    )
+    denoising_timestep_shift: float | None = _setting(
+        None, "flow teachers: the shift of stage 1's sigmas (default: the teacher scheduler's, SD3: 3.0)"
+    )
+    logit_mean: float = _setting(0.0, "flow teachers: mean of the logit-normal distributions")
+    logit_std: float = _setting(1.0, "flow teachers: standard deviation of the logit-normal distributions")
     gan_loss_weight: float = _setting(
         0.0, "weight of DMD2's GAN term for the generator (SDXL: 5e-3; 0 = off, the default)"
     )
@@ -146,6 +168,7 @@ class DisBackConfig:
                 raise ValueError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
         if not 0 <= self.min_step_percent < self.max_step_percent <= 1:
             raise ValueError("need 0 <= min_step_percent < max_step_percent <= 1")
+        self._check_flow_settings()
         if self.path_node_spacing == "distance":
             if not self.num_path_nodes:
                 raise ValueError("--path_node_spacing distance needs --num_path_nodes (how many nodes to keep)")
@@ -161,6 +184,11 @@ class DisBackConfig:
             self.fake_learning_rate = self.learning_rate
         if self.degradation_learning_rate is None:
             self.degradation_learning_rate = self.learning_rate
+
+    def _check_flow_settings(self) -> None:
+        for name in ("dm_timestep_shift", "denoising_timestep_shift", "logit_std"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     # -------------------------------------------------------------------------------------------------- derived
 

@@ -1,5 +1,6 @@
-"""The path profile for SDXL-architecture teachers: the probe built from the frozen teacher, the initial generator and
-a few captions; the distance of a live degrading UNet to the teacher (stage 1 logs it per node); the profile of a
+"""The path profile for the training script's teachers (SDXL and SD3; any family with the `FrozenSDXL` interface): the
+probe built from the frozen teacher, the initial generator and a few captions; the distance of a live degrading
+network to the teacher (stage 1 logs it per node); the profile of a
 recorded path (stage 1's end and `disback path-profile`); and, on the shapes world, each node judged as a diffusion
 model. The measure is `diffusers_disback.distill.profile`'s (docs/method.md, "The path profile").
 """
@@ -13,18 +14,18 @@ import torch
 
 from ..distill import DegradationPath, DisBackConfig, NodeSwitcher, Score, SharedBase, one_step_sample
 from ..distill.profile import PathProfile, ScoreProbe, path_targets, sample, score_distance
-from .sdxl import FrozenSDXL, SDXLConditioner, unet_eps_fn
+from .sdxl import FrozenSDXL
 
 PROFILE_PLOT = "path_profile.png"
-TEACHER_SAMPLER_STEPS = 25  # DDIM steps of the teacher's probe samples
+TEACHER_SAMPLER_STEPS = 25  # DDIM (flow: Euler) steps of the teacher's probe samples
 
 
-class SDXLPathProfiler:
+class PathProfiler:
     """
-    Measures distances between the teacher, path nodes and a live UNet on one fixed probe.
+    Measures distances between the teacher, path nodes and a live network on one fixed probe.
 
     Args:
-        frozen: the teacher's frozen parts ([`FrozenSDXL`]).
+        frozen: the teacher's frozen parts ([`FrozenSDXL`] or `FrozenSD3`).
         generator: the initial generator's UNet (its one-step samples are half the probe).
         prompts: the probe's captions (each gives one generator and one teacher sample).
         config: the run's settings: `guidance_scale`, `intermediate_cfg`, `conditioning_timestep`, the DM loss's
@@ -50,16 +51,16 @@ class SDXLPathProfiler:
             raise ValueError("the path profile needs at least one caption")
         self.frozen, self.config, self.shared = frozen, config, shared
         schedule = frozen.noise_schedule
-        resolution = frozen.conditioner.resolution
         cond = frozen.conditioner(list(prompts), device)
         rng = torch.Generator().manual_seed(seed)
-        shape = (len(prompts), frozen.teacher.config.in_channels, resolution // 8, resolution // 8)
+        shape = (len(prompts), *frozen.latent_shape(frozen.conditioner.resolution))
         z_gen, z_teacher = (torch.randn(shape, generator=rng).to(device) for _ in range(2))
-        teacher_eps = unet_eps_fn(frozen.teacher, autocast=False)
-        self.teacher = lambda c: Score(teacher_eps, schedule, uncond=SDXLConditioner.uncond(c))
+        teacher_pred = frozen.score_fn(frozen.teacher, autocast=False)
+        self.teacher = lambda c: Score(teacher_pred, schedule, uncond=frozen.conditioner.uncond(c))
         with torch.no_grad():
-            gen_eps = unet_eps_fn(generator, autocast=False)
-            x_gen = one_step_sample(gen_eps, z_gen, cond, schedule, config.conditioning_timestep).float()
+            gen_pred = frozen.score_fn(generator, autocast=False)
+            t_c = frozen.generator_timestep(config.conditioning_timestep)
+            x_gen = one_step_sample(gen_pred, z_gen, cond, schedule, t_c).float()
             x_teacher = sample(self.teacher(cond), z_teacher, cond, config.guidance_scale, TEACHER_SAMPLER_STEPS)
         min_step, max_step = config.timestep_range(schedule.num_train_timesteps)
         self.probe = ScoreProbe.build(
@@ -69,8 +70,8 @@ class SDXLPathProfiler:
 
     def distance(self, unet: torch.nn.Module) -> float:
         """`d(unet, teacher)`, with `unet` guided as an intermediate target is (`--intermediate_cfg`)."""
-        eps = unet_eps_fn(unet, autocast=False)
-        target = path_targets(self.teacher, lambda _: eps, self.config.guidance_scale, self.config.intermediate_cfg)
+        pred = self.frozen.score_fn(unet, autocast=False)
+        target = path_targets(self.teacher, lambda _: pred, self.config.guidance_scale, self.config.intermediate_cfg)
         return score_distance(self.probe.predictions(target(1)), self.teacher_predictions)
 
     def node_predictions(self, path: DegradationPath) -> list[torch.Tensor]:
@@ -79,7 +80,8 @@ class SDXLPathProfiler:
         base = self.shared if borrow else copy.deepcopy(self.frozen.teacher)
         switcher = NodeSwitcher(path, base, teacher=self.frozen.teacher)
         w, cfg = self.config.guidance_scale, self.config.intermediate_cfg
-        targets = path_targets(self.teacher, lambda i: unet_eps_fn(switcher.activate(i), autocast=False), w, cfg)
+        score_fn = self.frozen.score_fn
+        targets = path_targets(self.teacher, lambda i: score_fn(switcher.activate(i), autocast=False), w, cfg)
         try:
             return [self.teacher_predictions] + [self.probe.predictions(targets(i)) for i in range(1, len(path))]
         finally:

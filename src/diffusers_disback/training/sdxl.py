@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -129,6 +129,9 @@ class FrozenSDXL:
     noise_schedule: NoiseSchedule
     conditioner: SDXLConditioner
     vae: torch.nn.Module | None = None
+    family: str = "sdxl"
+    lora_targets: list[str] = field(default_factory=lambda: list(SDXL_LORA_TARGETS))
+    denoiser_subfolder: str = "unet"
 
     @classmethod
     def from_pretrained(
@@ -168,6 +171,28 @@ class FrozenSDXL:
             SDXLConditioner(tok, tok2, te, te2, resolution, offload=offload_text_encoders),
         )  # fmt: skip
 
+    @property
+    def denoising_schedule(self) -> NoiseSchedule:
+        """Stage 1's denoising loss's schedule: the teacher's (one DDPM schedule serves every use)."""
+        return self.noise_schedule
+
+    @staticmethod
+    def score_fn(model: torch.nn.Module, autocast: bool = True):
+        return unet_eps_fn(model, autocast=autocast)
+
+    @staticmethod
+    def generator_timestep(conditioning_timestep: int) -> int:
+        """The generator's input timestep: `--conditioning_timestep` as it is."""
+        return conditioning_timestep
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        return (self.teacher.config.in_channels, resolution // 8, resolution // 8)
+
+    @staticmethod
+    def decode_latents(vae, x0: torch.Tensor) -> torch.Tensor:
+        """The VAE's input of the UNet's latents: `x0 / scaling_factor`."""
+        return x0 / vae.config.scaling_factor
+
     def load_unet_fp32(self) -> torch.nn.Module:
         """The teacher's UNet read again in fp32: trainable copies start from its exact weights, not the frozen
         teacher's bf16/fp16 rounding."""
@@ -176,6 +201,8 @@ class FrozenSDXL:
         return UNet2DConditionModel.from_pretrained(
             self.pretrained, subfolder="unet", revision=self.revision, variant=self.variant
         ).to(torch.float32)
+
+    load_teacher_fp32 = load_unet_fp32
 
     def load_generator(self, source: str | None) -> torch.nn.Module:
         """The generator's starting point in fp32: the teacher (`None`), a diffusers UNet folder or repo (with or
@@ -192,6 +219,28 @@ class FrozenSDXL:
             sub = "unet" if os.path.isdir(os.path.join(source, "unet")) else None
             gen = UNet2DConditionModel.from_pretrained(source, subfolder=sub)
         return gen.to(torch.float32)
+
+    def final_pipeline(self, unet_state: dict[str, torch.Tensor], conditioning_timestep: int):
+        """The one-step `DisBackPipeline` of a trained generator's full weights (fp32, on the CPU): the teacher's
+        VAE, text encoders and tokenizers, and a `DisBackScheduler` at the timestep the generator was trained at
+        (not the teacher's scheduler default)."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+        from ..pipeline_disback import DisBackPipeline
+        from ..scheduling_disback import DisBackScheduler
+
+        unet = UNet2DConditionModel.from_config(self.teacher.config)
+        unet.load_state_dict(unet_state)
+        vae = AutoencoderKL.from_pretrained(self.pretrained, subfolder="vae", revision=self.revision)
+        return DisBackPipeline(
+            vae=vae,
+            text_encoder=self.text_encoder.float().cpu(),
+            text_encoder_2=self.text_encoder_2.float().cpu(),
+            tokenizer=self.tokenizer,
+            tokenizer_2=self.tokenizer_2,
+            unet=unet,
+            scheduler=DisBackScheduler.from_config(self.scheduler_config, conditioning_timestep=conditioning_timestep),
+        )
 
     def load_vae(self, device: torch.device | str, weight_dtype: torch.dtype) -> torch.nn.Module:
         """The teacher's VAE, loaded once (real-image encoding and validation share it); bf16 or fp32, since SDXL's
