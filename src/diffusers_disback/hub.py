@@ -9,6 +9,10 @@ A DisBack repo loads three ways (see docs/hub.md):
    (`model_index.json` names only stock diffusers/transformers classes).
 
 A "unet" repo holds only `unet/` and references the base model for everything else.
+
+An SD3 / SD3.5 repo (a `DisBackSD3Pipeline`, see docs/inference.md) loads the same three ways: `DisBackSD3Pipeline`,
+the remote code, and plain `StableDiffusion3Pipeline.from_pretrained(repo_id)` (with `text_encoder_3=None,
+tokenizer_3=None` when the repo has no T5) with `num_inference_steps=1, guidance_scale=0`.
 """
 
 from __future__ import annotations
@@ -51,6 +55,13 @@ DEFAULT_SAMPLE_PROMPTS = (
     "a watercolor painting of a lighthouse at dawn",
 )
 CARD_TAGS = ["disback", "distillation", "one-step", "stable-diffusion-xl", "text-to-image", "diffusers"]
+SD3_CARD_TAGS = ["disback", "distillation", "one-step", "stable-diffusion-3", "text-to-image", "diffusers"]
+# The license a card names by default: SDXL's, and for SD3 / SD3.5 Stability AI's community license.
+DEFAULT_LICENSES = {
+    "sdxl": {"license": "openrail++"},
+    "sd3": {"license": "other", "license_name": "stabilityai-ai-community"},
+}
+FAMILIES = ("sdxl", "sd3")
 SAMPLES_FILE = "samples.png"
 
 
@@ -89,9 +100,58 @@ class _Routes:
     repo_id: str
     base_model: str | None
     kind: str  # "pipeline" | "unet"
+    family: str = "sdxl"  # "sdxl" | "sd3"
+    t5: bool = True  # an SD3 repo with T5 (`text_encoder_3`)
+
+
+def _usage_sd3(routes: _Routes) -> str:
+    r = routes.repo_id
+    no_t5 = "" if routes.t5 else ", text_encoder_3=None, tokenizer_3=None"
+    note = "" if routes.t5 else "  # this repo has no T5"
+    return f"""All three give the same one-step image for the same seed.
+
+### 1. With `diffusers_disback` (`pip install diffusers_disback`)
+
+```python
+import torch
+from diffusers_disback import DisBackSD3Pipeline
+
+pipe = DisBackSD3Pipeline.from_pretrained("{r}", torch_dtype=torch.bfloat16).to("cuda")
+image = pipe("a photo of an astronaut riding a horse on mars").images[0]  # one step from pure noise, no CFG
+image = pipe("a photo of an astronaut riding a horse on mars", num_inference_steps=4).images[0]  # 1, .75, .5, .25
+```
+
+### 2. Plain diffusers with this repo's pipeline code (no extra package)
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained(
+    "{r}", custom_pipeline="{r}", trust_remote_code=True, torch_dtype=torch.bfloat16
+).to("cuda")
+image = pipe("a photo of an astronaut riding a horse on mars").images[0]  # DisBack defaults
+```
+
+### 3. Plain diffusers, no remote code
+
+```python
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+pipe = StableDiffusion3Pipeline.from_pretrained(
+    "{r}"{no_t5}, torch_dtype=torch.bfloat16
+).to("cuda"){note}
+image = pipe("a photo of an astronaut riding a horse on mars", num_inference_steps=1, guidance_scale=0).images[0]
+# four steps: the same sigmas, but the re-noising draws from torch's global RNG rather than from `generator`
+image = pipe("a photo of an astronaut riding a horse on mars", sigmas=[1.0, 0.75, 0.5, 0.25], guidance_scale=0).images[0]
+```
+"""
 
 
 def _usage(routes: _Routes) -> str:
+    if routes.family == "sd3":
+        return _usage_sd3(routes)
     r = routes.repo_id
     if routes.kind == "unet":
         base = routes.base_model or "stabilityai/stable-diffusion-xl-base-1.0"
@@ -203,40 +263,63 @@ def make_model_card(
     *,
     base_model: str | None = None,
     kind: str = "pipeline",
-    license: str = "openrail++",
+    license: str | None = None,
     training: dict | None = None,
     sample_prompts: list[str] | tuple[str, ...] | None = None,
     samples_file: str | None = SAMPLES_FILE,
+    family: str = "sdxl",
+    t5: bool = True,
 ) -> ModelCard:
     """
     The model card of a DisBack repo: Hub metadata (`library_name: diffusers`, `pipeline_tag: text-to-image`,
     `base_model`, tags, license), a usage snippet for each loading route, sample images and the training record.
+
+    `family="sd3"` writes the card of a `DisBackSD3Pipeline` repo (SD3 / SD3.5 teacher, tag `stable-diffusion-3`, the
+    `StableDiffusion3Pipeline` routes; `t5=False` when the repo has no T5, so that the plain-diffusers route passes
+    `text_encoder_3=None, tokenizer_3=None`). `license=None` names the family's default ([`DEFAULT_LICENSES`]).
     """
     if kind not in ("pipeline", "unet"):
         raise ValueError(f"kind must be 'pipeline' or 'unet', got {kind!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if family == "sd3" and kind != "pipeline":
+        raise ValueError("an SD3 repo holds the whole pipeline: kind must be 'pipeline' (an SD3 model has no UNet)")
+    license_data = DEFAULT_LICENSES[family] if license is None else {"license": license}
     data = ModelCardData(
         library_name="diffusers",
         pipeline_tag="text-to-image",
-        license=license,
+        **license_data,
         base_model=base_model,
-        tags=list(CARD_TAGS),
+        tags=list(SD3_CARD_TAGS if family == "sd3" else CARD_TAGS),
     )
     samples = ""
     if samples_file and sample_prompts:
         prompts = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(sample_prompts))
         samples = f"## Samples\n\n![samples]({samples_file})\n\nOne step, seed 0, prompts:\n\n{prompts}\n\n"
     name = repo_id.split("/")[-1]
+    teacher = "an SD3 / SD3.5 teacher" if family == "sd3" else "an SDXL teacher"
+    if family == "sd3":
+        sampling = (
+            "Sampled in one step from pure noise (sigma 1, transformer timestep 1000), without classifier-free "
+            "guidance; four steps use sigmas 1, 0.75, 0.5, 0.25, re-noising the x0 prediction in between."
+        )
+        if not t5:
+            sampling += " This repo has no T5 encoder: the T5 half of the prompt embedding is zeros."
+    else:
+        sampling = (
+            "Sampled in one step at timestep 399 from pure noise, without classifier-free guidance; "
+            "four steps use timesteps 999, 749, 499, 249."
+        )
     content = (
         f"---\n{data.to_yaml()}\n---\n\n"
         f"# {name}\n\n"
         "A one-step text-to-image generator distilled from "
-        f"{('[' + base_model + '](https://huggingface.co/' + base_model + ')') if base_model else 'an SDXL teacher'} "
+        f"{('[' + base_model + '](https://huggingface.co/' + base_model + ')') if base_model else teacher} "
         "by **Distribution Backtracking** (DisBack, Zhang et al., ICLR 2025): distribution-matching distillation "
         "whose target walks back along the recorded degradation path from the initial generator to the teacher. "
-        "Sampled in one step at timestep 399 from pure noise, without classifier-free guidance; "
-        "four steps use timesteps 999, 749, 499, 249.\n\n"
-        f"## Usage\n\n{_usage(_Routes(repo_id, base_model, kind))}\n"
-        f"{_elsewhere(repo_id, base_model, kind)}"
+        f"{sampling}\n\n"
+        f"## Usage\n\n{_usage(_Routes(repo_id, base_model, kind, family, t5))}\n"
+        f"{_elsewhere(repo_id, base_model, kind) if family == 'sdxl' else ''}"
         f"{samples}"
         f"## Training\n\n{_training_table(training)}\n"
         "Made with [diffusers_disback](https://github.com/diffusers-disback/diffusers_disback).\n"
@@ -291,15 +374,20 @@ def save_for_hub(
     kind: str = "pipeline",
     base_model: str | None = None,
     fp16_variant: bool = False,
-    license: str = "openrail++",
+    license: str | None = None,
     training: dict | None = None,
     sample_prompts: list[str] | tuple[str, ...] | None = DEFAULT_SAMPLE_PROMPTS,
 ) -> str:
     """
     Writes the folder a DisBack repo holds: the pipeline (`kind="pipeline"`) or only `unet/` (`kind="unet"`, the base
     model referenced in the card), an optional fp16 variant, `samples.png` and `README.md`. Returns the folder.
+
+    An SD3 / SD3.5 pipeline (`DisBackSD3Pipeline`) is saved whole (`kind="pipeline"` only), in the SD3 layout, with
+    the SD3 card ([`make_model_card`] with `family="sd3"`). `license=None` names the family's default license.
     """
     save_directory = os.fspath(save_directory)
+    if _family_of(pipeline) == "sd3" and kind != "pipeline":
+        raise ValueError("an SD3 pipeline has no UNet: save it with kind='pipeline' (the transformer and the rest)")
     os.makedirs(save_directory, exist_ok=True)
     if kind == "pipeline":
         pipeline.save_pretrained(save_directory)
@@ -336,10 +424,24 @@ def _write_card(pipeline, folder, repo_id, base_model, kind, license, training, 
         base_model = _base_model_of(pipeline)
     if pipeline is not None and sample_prompts:
         _sample_grid(pipeline, list(sample_prompts)).save(os.path.join(folder, SAMPLES_FILE))
+    family = _family_of(pipeline)
     card = make_model_card(
-        repo_id, base_model=base_model, kind=kind, license=license, training=training, sample_prompts=sample_prompts
+        repo_id,
+        base_model=base_model,
+        kind=kind,
+        license=license,
+        training=training,
+        sample_prompts=sample_prompts,
+        family=family,
+        t5=family != "sd3" or getattr(pipeline, "text_encoder_3", None) is not None,
     )
     card.save(os.path.join(folder, "README.md"))
+
+
+def _family_of(pipeline) -> str:
+    """`"sd3"` for an SD3 / SD3.5 pipeline (an MMDiT `transformer` and a `text_encoder_3` slot), else `"sdxl"`."""
+    components = getattr(pipeline, "components", None) or {}
+    return "sd3" if "transformer" in components and "text_encoder_3" in components else "sdxl"
 
 
 def _base_model_of(pipeline) -> str | None:
@@ -425,7 +527,7 @@ def push_pipeline(
     kind: str = "pipeline",
     base_model: str | None = None,
     fp16_variant: bool = False,
-    license: str = "openrail++",
+    license: str | None = None,
     training: dict | None = None,
     sample_prompts=DEFAULT_SAMPLE_PROMPTS,
     private: bool | None = None,

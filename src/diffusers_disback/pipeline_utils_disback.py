@@ -3,9 +3,9 @@
 # Shared by the DisBack pipeline files. It travels with them as remote code (next to `pipeline.py`,
 # `pipeline_img2img.py`, `pipeline_inpaint.py` and `scheduling_disback.py`; see `write_disback_layout`), so it imports
 # nothing of `diffusers_disback` but its sibling `scheduling_disback.py`, and no pipeline: the pipelines import it.
-"""What every DisBack pipeline shares: loading with a `DisBackScheduler`, saving in the DisBack layout, the
-execution-device shortcut, and for the editing pipelines the strength rule and the steps around diffusers' SDXL
-img2img / inpaint `__call__`."""
+"""What every DisBack pipeline shares: loading with the student's scheduler (a `DisBackScheduler` for SDXL), saving in
+the DisBack layout (SDXL or SD3), the execution-device shortcut, and for the editing pipelines the strength rule and
+the steps around diffusers' SDXL img2img / inpaint `__call__`."""
 
 import inspect
 import json
@@ -13,7 +13,7 @@ import os
 import shutil
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 from diffusers.utils import logging
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 from huggingface_hub import create_repo
@@ -30,6 +30,13 @@ REMOTE_FILES = {
     "pipeline.py": "pipeline_disback.py",
     "pipeline_img2img.py": "pipeline_disback_img2img.py",
     "pipeline_inpaint.py": "pipeline_disback_inpaint.py",
+    "pipeline_utils_disback.py": "pipeline_utils_disback.py",
+    "scheduling_disback.py": "scheduling_disback.py",
+}
+# The remote code of a saved SD3 / SD3.5 folder (`DisBackSD3Pipeline`): `pipeline.py` and the files it imports. There
+# are no SD3 editing pipelines.
+SD3_REMOTE_FILES = {
+    "pipeline.py": "pipeline_disback_sd3.py",
     "pipeline_utils_disback.py": "pipeline_utils_disback.py",
     "scheduling_disback.py": "scheduling_disback.py",
 }
@@ -102,13 +109,21 @@ class DisBackMixin:
         Loads from a Hub repo id or a local folder (e.g. one written by `DisBackPipeline.save_pretrained`), as
         [`DiffusionPipeline.from_pretrained`]. The scheduler the repo names (the stock `LCMScheduler` of a DisBack
         repo, or SDXL base's `EulerDiscreteScheduler` when you load the base model and pass `unet=`) is replaced by a
-        [`DisBackScheduler`] built from its config, unless you pass `scheduler=` yourself.
+        [`DisBackScheduler`] built from its config, unless you pass `scheduler=` yourself. (`DisBackSD3Pipeline`: by
+        the student's `FlowMatchEulerDiscreteScheduler`, see its `disback_flow_scheduler`.)
         """
         user_scheduler = "scheduler" in kwargs
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        if not user_scheduler and not isinstance(pipe.scheduler, DisBackScheduler):
-            pipe.scheduler = DisBackScheduler.from_config(pipe.scheduler.config)
+        if not user_scheduler:
+            scheduler = cls._student_scheduler(pipe.scheduler)
+            if scheduler is not pipe.scheduler:
+                pipe.scheduler = scheduler
         return pipe
+
+    @classmethod
+    def _student_scheduler(cls, scheduler):
+        # what `from_pretrained` samples with in place of the scheduler the folder names (`scheduler` itself to keep it)
+        return scheduler if isinstance(scheduler, DisBackScheduler) else DisBackScheduler.from_config(scheduler.config)
 
     def save_pretrained(
         self,
@@ -126,7 +141,8 @@ class DisBackMixin:
         On top of [`DiffusionPipeline.save_pretrained`]: `model_index.json` names `StableDiffusionXLPipeline` and a
         stock `LCMScheduler` (configured to sample the DisBack timesteps), and `pipeline.py`, `pipeline_img2img.py`,
         `pipeline_inpaint.py`, `scheduling_disback.py` and `pipeline_utils_disback.py` are copied into the folder as
-        remote code.
+        remote code. `DisBackSD3Pipeline` writes the SD3 layout: `model_index.json` names `StableDiffusion3Pipeline`,
+        the scheduler is saved as it is, and `pipeline.py` is the SD3 pipeline.
 
         Args:
             save_directory (`str` or `os.PathLike`): the folder to write.
@@ -251,11 +267,21 @@ def write_disback_layout(save_directory: str | os.PathLike, scheduler=None) -> N
       and the files they import relatively. They are copied from the folder this file lies in: the package, or, run
       as remote code, the folder diffusers copied the repo's files to (there a file that was not loaded is missing,
       and the folder is written without it).
+
+    An SD3 / SD3.5 folder (its `model_index.json` has `transformer` and `text_encoder_3`, the latter `[null, null]`
+    without T5) gets the SD3 layout instead: `_class_name` becomes `StableDiffusion3Pipeline`, the scheduler is left as
+    saved (the student's `FlowMatchEulerDiscreteScheduler` is a stock class already), and the remote code is
+    [`SD3_REMOTE_FILES`] (`pipeline.py` is `DisBackSD3Pipeline`).
     """
     save_directory = os.fspath(save_directory)
     index_path = os.path.join(save_directory, "model_index.json")
     with open(index_path, encoding="utf-8") as f:
         index = json.load(f)
+    if "transformer" in index and "text_encoder_3" in index:
+        index["_class_name"] = StableDiffusion3Pipeline.__name__
+        _write_json(index_path, index)
+        _copy_remote_files(save_directory, SD3_REMOTE_FILES)
+        return
     index["_class_name"] = StableDiffusionXLPipeline.__name__
     # by name too: a DisBackScheduler loaded as remote code is another class object
     disback_scheduler = (
@@ -278,9 +304,13 @@ def write_disback_layout(save_directory: str | os.PathLike, scheduler=None) -> N
         sched["original_inference_steps"] = sched.get("num_train_timesteps", 1000)
         _write_json(sched_path, sched)
     _write_json(index_path, index)
+    _copy_remote_files(save_directory, REMOTE_FILES)
 
+
+def _copy_remote_files(save_directory: str, remote_files: dict[str, str]) -> None:
+    # each file from the package (its package name) or, run as remote code, from diffusers' copy (its remote name)
     here = os.path.dirname(os.path.abspath(__file__))
-    for remote_name, package_name in REMOTE_FILES.items():
+    for remote_name, package_name in remote_files.items():
         for candidate in (package_name, remote_name):
             if os.path.isfile(os.path.join(here, candidate)):
                 shutil.copyfile(os.path.join(here, candidate), os.path.join(save_directory, remote_name))
