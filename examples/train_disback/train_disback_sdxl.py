@@ -1173,7 +1173,7 @@ def save_final(run: Run, generator, path: DegradationPath) -> None:
             f.write(run.config.to_json_string())
         card_path_profile(path, final)
         if adapter:  # the LoRA users put on their own model (`disback export-lora`, docs/lora.md)
-            save_run_adapter(adapter, os.path.join(final, RUN_ADAPTER_DIR), GENERATOR_ADAPTER)
+            save_run_adapter(adapter, os.path.join(final, RUN_ADAPTER_DIR), GENERATOR_ADAPTER, run.frozen.family)
         logger.info(f"final pipeline written to {final}")
         if run.pusher:
             run.pusher.submit(final, commit_message="DisBack one-step generator (final)")

@@ -219,15 +219,24 @@ def extract_lora(
 # -------------------------------------------------------------------------------------------------------- writing
 
 
-def save_lora(state: dict[str, torch.Tensor], folder: str | os.PathLike, kohya: bool = True) -> tuple[str, list[str]]:
+def save_lora(
+    state: dict[str, torch.Tensor], folder: str | os.PathLike, kohya: bool = True, family: str = "sdxl"
+) -> tuple[str, list[str]]:
     """
     Writes a UNet LoRA (peft keys) in diffusers' format (`pytorch_lora_weights.safetensors`) and, with `kohya`, the
     kohya-style file of its down/mid/up-block layers. Returns the folder and the layers left out of the kohya file.
+    `family="sd3"`: an SD3 transformer's LoRA in diffusers' SD3 format (`transformer.` keys, what
+    `StableDiffusion3Pipeline.load_lora_weights` reads); diffusers has no kohya conversion for SD3, so none is written.
     """
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
+    if family == "sd3":
+        StableDiffusion3Pipeline.save_lora_weights(
+            folder, transformer_lora_layers=state, weight_name=LORA_WEIGHTS_NAME
+        )
+        return folder, []
     StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=state, weight_name=LORA_WEIGHTS_NAME)
     left_out = []
     if kohya:
@@ -246,7 +255,9 @@ def save_lora(state: dict[str, torch.Tensor], folder: str | os.PathLike, kohya: 
     return folder, left_out
 
 
-def save_run_adapter(full_state: dict[str, torch.Tensor], folder: str | os.PathLike, adapter_name: str) -> str:
+def save_run_adapter(
+    full_state: dict[str, torch.Tensor], folder: str | os.PathLike, adapter_name: str, family: str = "sdxl"
+) -> str:
     """
     The LoRA-mode training run's generator adapter (`adapter_name`'s weights in a gathered peft state dict), in
     diffusers' LoRA format in `folder` (the training script writes `final/generator_lora/`). `lora_alpha` equals the
@@ -257,7 +268,7 @@ def save_run_adapter(full_state: dict[str, torch.Tensor], folder: str | os.PathL
     adapter = {k: v.float().contiguous() for k, v in lora_state_dict(full_state, adapter_name).items()}
     if not adapter:
         raise ValueError(f"no weights of adapter {adapter_name!r} in the state dict")
-    save_lora(adapter, folder, kohya=True)
+    save_lora(adapter, folder, kohya=True, family=family)
     return os.fspath(folder)
 
 

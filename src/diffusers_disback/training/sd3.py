@@ -306,7 +306,7 @@ class FrozenSD3:
         VAE, text encoders and tokenizers, and the student's scheduler (one step from sigma = 1)."""
         from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-        from ..pipeline_disback_sd3 import DisBackSD3Pipeline
+        from ..pipeline_disback_sd3 import DisBackSD3Pipeline, disback_flow_scheduler
 
         if conditioning_timestep != self.noise_schedule.num_train_timesteps:
             raise ValueError(
@@ -320,7 +320,7 @@ class FrozenSD3:
                                                                       self.text_encoder_3)]  # fmt: skip
         return DisBackSD3Pipeline(
             transformer=transformer,
-            scheduler=DisBackSD3Pipeline.student_scheduler(self.scheduler_config),
+            scheduler=disback_flow_scheduler(self.scheduler_config),
             vae=vae,
             text_encoder=encoders[0],
             tokenizer=self.tokenizer,

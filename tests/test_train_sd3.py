@@ -1,0 +1,179 @@
+"""The training loop on an SD3-shaped teacher (a flow-matching MMDiT, 16 latent channels, no T5) at tiny size, through
+`train_disback_sd3.py`: both stages, the one-step pipeline it writes, the shared-base LoRA mode under bf16, resume
+after kill -9, and what the scripts refuse."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusers_disback.distill import DegradationPath
+from diffusers_disback.testing import save_tiny_sd3_teacher
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "examples", "train_disback", "train_disback_sd3.py")
+SDXL_SCRIPT = os.path.join(ROOT, "examples", "train_disback", "train_disback_sdxl.py")
+PROMPTS = os.path.join(ROOT, "examples", "train_disback", "data", "demo_prompts.txt")
+TINY = [
+    "--resolution", "64", "--degradation_steps", "4", "--path_interval", "2", "--max_train_steps", "6",
+    "--fake_score_update_ratio", "2", "--backtrack_interval", "2", "--checkpointing_steps", "2",
+    "--validation_steps", "3", "--learning_rate", "1e-4", "--lr_warmup_steps", "0", "--train_batch_size", "2",
+    "--train_data_files", PROMPTS, "--shuffle_buffer", "4", "--path_profile_prompts", "2",
+]  # fmt: skip
+SD3_ONLY = ["--max_sequence_length", "16"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return save_tiny_sd3_teacher(str(tmp_path_factory.mktemp("teacher") / "tiny-sd3"))
+
+
+def _cmd(teacher, out, *extra, script=SCRIPT):
+    own = SD3_ONLY if script == SCRIPT else []
+    return [
+        sys.executable,
+        script,
+        "--pretrained_teacher_model",
+        teacher,
+        "--output_dir",
+        str(out),
+        *TINY,
+        *own,
+        *extra,
+    ]
+
+
+def _run(cmd):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _final(out):
+    return load_file(os.path.join(out, "final", "transformer", "diffusion_pytorch_model.safetensors"))
+
+
+def _scalars(out, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [os.path.join(r, f) for r, _, fs in os.walk(out / "logs") for f in fs if f.startswith("events")]
+    acc = EventAccumulator(events[0])
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def full_run(teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sd3-full")
+    proc = _run(_cmd(teacher, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_both_stages_on_a_flow_teacher(teacher, full_run):
+    out, proc = full_run
+    path = DegradationPath.load(out / "path")
+    assert [n.step for n in path.nodes] == [0, 2, 4]
+    a, b = path.node_state_dict(1), path.node_state_dict(2)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the path moved
+    assert path.nodes[1].distance > 0 and path.nodes[2].distance > path.nodes[1].distance * 0.5
+    state = json.loads((out / "checkpoints" / "checkpoint-10" / "run_state.json").read_text())
+    assert state["stage_step"] == 6 and state["backtracking"]["target"] == 2
+    # the generator trained: the final transformer is not the teacher
+    base = load_file(os.path.join(teacher, "transformer", "diffusion_pytorch_model.safetensors"))
+    final = _final(out)
+    assert set(final) == set(base) and any(not torch.equal(final[k], base[k]) for k in base)
+    # the flow schedules are logged once, with the shift each use applies (stage 1: the teacher's 3.0)
+    assert "'denoising': {'schedule': 'flow'" in proc.stderr and "'shift': 3.0" in proc.stderr
+    assert len(_scalars(out, "backtracking/dm_distance")) == 3
+    assert all(v > 0 for _, v in _scalars(out, "backtracking/dm_distance"))
+    # the saved pipeline: SD3's layout, one step from sigma = 1
+    index = json.loads((out / "final" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline" and index["transformer"][1] == "SD3Transformer2DModel"
+    assert (out / "validation" / "step-00000007.png").is_file()
+    card = (out / "final" / "README.md").read_text()
+    assert "Degradation path" in card
+
+
+def test_final_pipeline_is_the_generator_in_one_step(teacher, full_run):
+    """The saved pipeline's one-step image is the generator's `x0 = z - v(z, sigma=1)` decoded: the training loop's
+    sample and the pipeline's are the same computation."""
+    from diffusers_disback import DisBackSD3Pipeline
+    from diffusers_disback.distill import DisBackConfig, one_step_sample
+    from diffusers_disback.training import FrozenSD3, transformer_flow_fn
+
+    out, _ = full_run
+    pipe = DisBackSD3Pipeline.from_pretrained(out / "final")
+    pipe.set_progress_bar_config(disable=True)
+    z = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    image = pipe("a cat", latents=z, output_type="pt", max_sequence_length=16).images
+    frozen = FrozenSD3.from_pretrained(teacher, 64, DisBackConfig(), max_sequence_length=16)
+    cond = frozen.conditioner(["a cat"], "cpu")
+    x0 = one_step_sample(transformer_flow_fn(pipe.transformer), z, cond, frozen.noise_schedule, 1.0)
+    vae = pipe.vae
+    expected = vae.decode(frozen.decode_latents(vae, x0)).sample.clamp(-1, 1).add(1).div(2)
+    torch.testing.assert_close(image, expected, rtol=0, atol=1e-5)
+
+
+def test_shared_base_lora_bf16_on_a_flow_teacher(teacher, tmp_path):
+    """LoRA on one shared base under bf16: the base and the path nodes are bf16, the trained adapters fp32; the
+    adapters sit on SD3's DreamBooth targets (the context stream's projections too) and the generator moves at the
+    real learning rate."""
+    out = tmp_path / "lora"
+    args = ["--lora_rank", "4", "--path_node_type", "lora", "--path_lora_rank", "4", "--mixed_precision", "bf16"]
+    proc = _run(_cmd(teacher, out, *args))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shared = load_file(out / "checkpoints" / "checkpoint-10" / "model.safetensors")
+    dtypes = {}
+    for k, v in shared.items():
+        dtypes.setdefault(k.split(".lora_")[1].split(".")[1] if "lora_" in k else "base", set()).add(v.dtype)
+    assert dtypes == {"base": {torch.bfloat16}, "node_1": {torch.bfloat16}, "node_2": {torch.bfloat16},
+                      "generator": {torch.float32}, "fake_score": {torch.float32}}  # fmt: skip
+    targets = {k.split(".lora_")[0].split("attn.")[1] for k in shared if ".generator." in k}
+    assert targets == {"add_k_proj", "add_q_proj", "add_v_proj", "to_add_out", "to_k", "to_out.0", "to_q", "to_v"}
+    base = load_file(os.path.join(teacher, "transformer", "diffusion_pytorch_model.safetensors"))
+    final = _final(out)
+    moved = [k for k in final if not torch.equal(final[k], base[k])]
+    assert moved and all(".attn." in k and k.endswith(".weight") for k in moved)
+    # three generator updates at lr 1e-4 with Adam move a merged weight by about 3e-4 (B starts at zero)
+    largest = max((final[k] - base[k]).abs().max().item() for k in moved)
+    assert 1e-5 < largest < 1e-2
+    # the generator's adapter in diffusers' SD3 LoRA format: the stock teacher pipeline + it is the final generator
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffusers_disback import DisBackSD3Pipeline
+    from diffusers_disback.lora_export import RUN_ADAPTER_DIR
+
+    stock = StableDiffusion3Pipeline.from_pretrained(teacher, text_encoder_3=None, tokenizer_3=None)
+    stock.load_lora_weights(str(out / "final" / RUN_ADAPTER_DIR))
+    ours = DisBackSD3Pipeline.from_pretrained(out / "final")
+    kwargs = dict(num_inference_steps=1, guidance_scale=0.0, max_sequence_length=16, output_type="np")
+    a = stock("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    b = ours("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert abs(a - b).max() < 1e-4
+
+
+def test_kill_and_resume_equals_uninterrupted(teacher, full_run, tmp_path):
+    from test_train import _kill_when
+
+    out = tmp_path / "run"
+    cmd = _cmd(teacher, out)
+    _kill_when(cmd, str(out / "checkpoints" / "checkpoint-6"))  # stage 2 begun
+    proc = _run(cmd + ["--resume_from_checkpoint", "latest"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected, got = _final(full_run[0]), _final(out)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0, msg=k)
+
+
+def test_scripts_name_the_family_they_need(teacher, tmp_path):
+    proc = _run(_cmd(teacher, tmp_path / "wrong", script=SDXL_SCRIPT))
+    assert proc.returncode != 0
+    assert "is a StableDiffusion3Pipeline (SD3/SD3.5) teacher" in proc.stderr and "train_disback_sd3.py" in proc.stderr
+    proc = _run(_cmd(teacher, tmp_path / "gan", "--gan_loss_weight", "0.01", "--real_data_dir", str(tmp_path)))
+    assert proc.returncode == 2 and "not available for SD3/SD3.5" in proc.stderr
+    proc = _run(_cmd(teacher, tmp_path / "tc", "--conditioning_timestep", "1200"))
+    assert proc.returncode != 0 and "--conditioning_timestep must be in (0, 1000]" in proc.stderr
