@@ -1,11 +1,16 @@
 #!/usr/bin/env python
-"""DMD, DisBack and the warm control through the SDXL training script on the shapes teacher: seeds x initialisations,
+"""DMD, DisBack and the warm control through the training script on a shapes teacher: seeds x initialisations,
 with accuracy curves over iterations and wall time with stage 1 counted.
 
     python benchmarks/shapes_compare.py                                  # 3 methods x 3 seeds x 2 inits (~90 min, 2 cores)
     python benchmarks/shapes_compare.py --seeds 0 --inits teacher        # one seed, teacher-initialised
+    python benchmarks/shapes_compare.py --family sd3 --inits teacher     # the flow-matching (SD3-architecture) teacher
 
-Every run is `examples/train_disback/train_disback_sdxl.py`, unchanged, with the shapes recipe
+`--family sd3` runs `train_disback_sd3.py` on the SD3-architecture shapes teacher (`examples/shapes/teacher_sd3`,
+`examples/shapes/train_teacher_sd3.py`) with the same recipe, sampled from sigma = 1 (`--conditioning_timestep
+1000`) and with the 8 (zero) T5 tokens the teacher was trained with; its teacher is judged at 28 Euler steps.
+
+Every run is `examples/train_disback/train_disback_sdxl.py` (or `_sd3.py`), unchanged, with the shapes recipe
 (`diffusers_disback.shapes.distill_arguments`, docs/tutorial_shapes.md). Per seed and initialisation:
 
 1. stage 1 once (`--stage degradation`, 200 steps, a node every 50): DisBack's path, which the warm control reuses
@@ -38,23 +43,40 @@ from diffusers_disback.shapes import SHOWCASE_CAPTIONS, distill_arguments, write
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SCRIPT = os.path.join(ROOT, "examples", "train_disback", "train_disback_sdxl.py")
-
 METHODS = ("dmd", "disback", "warm")
+# what differs per teacher family: the script, the teacher, the flags the recipe needs on top, the teacher's steps
+FAMILIES = {
+    "sdxl": {
+        "script": "train_disback_sdxl.py", "teacher": "teacher", "extra": {}, "teacher_steps": 25, "call": {},
+        "name": "SDXL", "suffix": "",
+    },
+    "sd3": {
+        "script": "train_disback_sd3.py", "teacher": "teacher_sd3",
+        "extra": {"conditioning_timestep": 1000, "max_sequence_length": 8}, "teacher_steps": 28,
+        "call": {"max_sequence_length": 8}, "name": "SD3", "suffix": "_sd3",
+    },
+}  # fmt: skip
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--teacher", default=os.path.join(ROOT, "examples", "shapes", "teacher"))
-    p.add_argument("--output_dir", default="shapes-compare")
+    p.add_argument("--family", choices=sorted(FAMILIES), default="sdxl")
+    p.add_argument("--teacher", default=None, help="default: the family's committed shapes teacher")
+    p.add_argument("--output_dir", default=None, help="default: shapes-compare (sd3: shapes-compare-sd3)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--inits", nargs="+", choices=["teacher", "random"], default=["teacher", "random"])
     p.add_argument("--max_train_steps", type=int, default=1500)
     p.add_argument("--eval_steps", type=int, default=250)
-    p.add_argument("--report", default=os.path.join(HERE, "results", "shapes_compare.md"))
-    p.add_argument("--plot", default=os.path.join(ROOT, "docs", "images", "shapes_curves.png"))
-    return p.parse_args(argv)
+    p.add_argument("--report", default=None, help="default: results/shapes_compare{,_sd3}.md")
+    p.add_argument("--plot", default=None, help="default: docs/images/shapes_curves{,_sd3}.png")
+    args = p.parse_args(argv)
+    fam = args.spec = FAMILIES[args.family]
+    args.teacher = args.teacher or os.path.join(ROOT, "examples", "shapes", fam["teacher"])
+    args.output_dir = args.output_dir or "shapes-compare" + fam["suffix"].replace("_", "-")
+    args.report = args.report or os.path.join(HERE, "results", f"shapes_compare{fam['suffix']}.md")
+    args.plot = args.plot or os.path.join(ROOT, "docs", "images", f"shapes_curves{fam['suffix']}.png")
+    return args
 
 
 def run_script(args, out: str, extra: list[str]) -> float:
@@ -63,9 +85,11 @@ def run_script(args, out: str, extra: list[str]) -> float:
     if os.path.exists(marker):
         with open(marker) as f:
             return json.load(f)["seconds"]
-    cmd = [sys.executable, SCRIPT, "--pretrained_teacher_model", args.teacher, "--output_dir", out,
-           "--train_data_files", args.prompts, "--validation_prompts", *SHOWCASE_CAPTIONS[:4],
-           *distill_arguments(max_train_steps=args.max_train_steps, report_to="none"), *extra]  # fmt: skip
+    script = os.path.join(ROOT, "examples", "train_disback", args.spec["script"])
+    recipe = distill_arguments(max_train_steps=args.max_train_steps, report_to="none", **args.spec["extra"])
+    cmd = [sys.executable, script, "--pretrained_teacher_model", args.teacher, "--output_dir", out,
+           "--train_data_files", args.prompts, "--validation_prompts", *SHOWCASE_CAPTIONS[:4], *recipe,
+           *extra]  # fmt: skip
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
     seconds = time.perf_counter() - start
@@ -75,37 +99,42 @@ def run_script(args, out: str, extra: list[str]) -> float:
 
 
 def random_generator(args, seed: int) -> str:
-    from diffusers import UNet2DConditionModel
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
-    folder = os.path.join(args.output_dir, f"random-unet-{seed}")
+    cls, sub = (SD3Transformer2DModel, "transformer") if args.family == "sd3" else (UNet2DConditionModel, "unet")
+    folder = os.path.join(args.output_dir, f"random-{sub}-{seed}")
     if not os.path.exists(os.path.join(folder, "config.json")):
-        config = UNet2DConditionModel.load_config(args.teacher, subfolder="unet")
+        config = cls.load_config(args.teacher, subfolder=sub)
         torch.manual_seed(seed)
-        UNet2DConditionModel.from_config(config).save_pretrained(folder)
+        cls.from_config(config).save_pretrained(folder)
     return folder
 
 
 def judge_final(args, run_dir: str, teacher_images: str) -> dict:
-    from diffusers_disback import DisBackPipeline
+    from diffusers_disback import DisBackPipeline, DisBackSD3Pipeline
     from diffusers_disback.evaluation import CaptionSet, ReferenceImages, evaluate, get_protocol
 
-    pipe = DisBackPipeline.from_pretrained(os.path.join(run_dir, "final"))
+    cls = DisBackSD3Pipeline if args.family == "sd3" else DisBackPipeline
+    pipe = cls.from_pretrained(os.path.join(run_dir, "final"))
     record = evaluate(
         pipe, CaptionSet.from_shapes(), os.path.join(run_dir, "judge"), get_protocol("shapes"),
-        reference=ReferenceImages.from_folder(teacher_images), progress=False,
+        reference=ReferenceImages.from_folder(teacher_images), progress=False, **args.spec["call"],
     )  # fmt: skip
     return record["metrics"]
 
 
 def teacher_samples(args) -> tuple[str, dict]:
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
     from diffusers_disback.evaluation import CaptionSet, evaluate, get_protocol
 
     out = os.path.join(args.output_dir, "teacher")
-    protocol = get_protocol("shapes").replace(num_inference_steps=25, guidance_scale=5.0)
-    pipe = StableDiffusionXLPipeline.from_pretrained(args.teacher, torch_dtype=torch.float32)
-    record = evaluate(pipe, CaptionSet.from_shapes(), out, protocol, progress=False)
+    protocol = get_protocol("shapes").replace(num_inference_steps=args.spec["teacher_steps"], guidance_scale=5.0)
+    if args.family == "sd3":
+        pipe = StableDiffusion3Pipeline.from_pretrained(args.teacher, text_encoder_3=None, tokenizer_3=None)
+    else:
+        pipe = StableDiffusionXLPipeline.from_pretrained(args.teacher, torch_dtype=torch.float32)
+    record = evaluate(pipe, CaptionSet.from_shapes(), out, protocol, progress=False, **args.spec["call"])
     return os.path.join(out, "images"), record["metrics"]
 
 
@@ -123,7 +152,7 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     args.prompts = write_prompts(os.path.join(args.output_dir, "prompts.txt"), "train")
     teacher_images, teacher_metrics = teacher_samples(args)
-    print(f"teacher (25 steps, CFG 5): {teacher_metrics}", flush=True)
+    print(f"teacher ({args.spec['teacher_steps']} steps, CFG 5): {teacher_metrics}", flush=True)
     runs = []
     for init in args.inits:
         for seed in args.seeds:
@@ -192,7 +221,7 @@ def write_report(args, teacher: dict, runs: list[dict]) -> None:
         f" — {args.max_train_steps} stage-2 iterations; mean ± sd over seeds; wall times of the whole invocation "
         "(model loading included, in-training evaluation included in stage 2), measured in this run.",
         "",
-        f"Teacher (25 Euler steps, CFG 5): all-attribute accuracy {teacher['shapes_accuracy']:.3f} (training "
+        f"Teacher ({args.spec['teacher_steps']} Euler steps, CFG 5): all-attribute accuracy {teacher['shapes_accuracy']:.3f} (training "
         f"captions {teacher['shapes_accuracy_training_captions']:.3f}, held-out "
         f"{teacher['shapes_accuracy_held_out_captions']:.3f}).",
         "",
@@ -214,7 +243,7 @@ def write_report(args, teacher: dict, runs: list[dict]) -> None:
         )
     lines += ["", "Curves: one-step all-attribute accuracy (every caption, the in-training evaluation), mean over "
               "seeds, by stage-2 iteration.", "", *_curve_table(args, runs)]  # fmt: skip
-    title = "# Shapes: DMD, DisBack and the warm control through the SDXL script"
+    title = f"# Shapes: DMD, DisBack and the warm control through the {args.spec['name']} script"
     write_section("record", "\n".join(lines), args.report, title)
     write_section("summary", summary(args, teacher, runs), args.report, title)
     print("\n".join(lines))
@@ -234,7 +263,7 @@ def summary(args, teacher: dict, runs: list[dict]) -> str:
         f"{len(args.seeds)} seeds) | training captions | held-out captions | FD to the teacher | wall time, stage 1 + "
         "stage 2 |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| – | teacher, 25 steps, CFG 5 | – | {t[0]:.3f} | {t[1]:.3f} | {t[2]:.3f} | – | – |",
+        f"| – | teacher, {args.spec['teacher_steps']} steps, CFG 5 | – | {t[0]:.3f} | {t[1]:.3f} | {t[2]:.3f} | – | – |",
     ]
     for init, method, rs in _groups(args, runs):
         if init == "teacher" and method == args.methods[0]:

@@ -84,7 +84,8 @@ def write_tokenizer_files(directory: str) -> tuple[str, str]:
     return vocab_path, merges_path
 
 
-def build_text_encoders(seed: int):
+def build_text_encoders(seed: int, with_projection: tuple[bool, bool] = (False, True)):
+    """The two frozen random CLIP encoders (SDXL: the first without a projection; SD3: both with)."""
     with tempfile.TemporaryDirectory() as d:
         vocab, merges = write_tokenizer_files(d)
         tokenizer = CLIPTokenizer(vocab, merges, pad_token="<|endoftext|>", model_max_length=MAX_LENGTH)
@@ -104,8 +105,11 @@ def build_text_encoders(seed: int):
         hidden_act="gelu",
     )
     torch.manual_seed(seed)
-    te = CLIPTextModel(CLIPTextConfig(**common))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**common, projection_dim=64))
+    te, te2 = (
+        CLIPTextModelWithProjection(CLIPTextConfig(**common, projection_dim=64)) if proj else CLIPTextModel(
+            CLIPTextConfig(**common))
+        for proj in with_projection
+    )  # fmt: skip
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for model in (te, te2):
@@ -128,9 +132,10 @@ def render_batch(scenes, seeds) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------ VAE
 
 
-def train_vae(steps: int, batch_size: int, seed: int) -> AutoencoderKL:
+def train_vae(steps: int, batch_size: int, seed: int, **layout) -> AutoencoderKL:
+    """The 8x VAE (4 latent channels; `layout` overrides, e.g. SD3's 16 channels without quant convs)."""
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
+    config = dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -141,6 +146,7 @@ def train_vae(steps: int, batch_size: int, seed: int) -> AutoencoderKL:
         norm_num_groups=8,
         sample_size=RESOLUTION,
     )
+    vae = AutoencoderKL(**{**config, **layout})
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     start = time.time()
