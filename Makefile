@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser demo test bench style quality clean
+.PHONY: install browser demo demo-sd3 test bench style quality clean
 
 $(STAMP): pyproject.toml requirements-test.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ browser:
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) examples/demo.py --output_dir demo_output
 
+# the same with the flow-matching (SD3-architecture) shapes teacher and train_disback_sd3.py
+demo-sd3: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) examples/demo.py --family sd3 --output_dir demo_output_sd3
+
 test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
@@ -55,4 +59,4 @@ quality: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info demo_output .pytest_cache
+	rm -rf $(VENV) build dist src/*.egg-info demo_output demo_output_sd3 .pytest_cache

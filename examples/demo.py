@@ -10,6 +10,11 @@
 4. checks that plain diffusers loads the same folder (no remote code, and remote code) with the same pixels.
 
 Every run starts its training afresh (a previous demo's run folder is replaced), so `make demo` can be run again.
+
+`make demo-sd3` (`--family sd3`) does the same with the flow-matching teacher in the SD3 architecture
+(`examples/shapes/teacher_sd3`, trained by `examples/shapes/train_teacher_sd3.py`) through `train_disback_sd3.py`:
+the teacher at 28 Euler steps above the one-step `DisBackSD3Pipeline`, and stock `StableDiffusion3Pipeline` with one
+step and no CFG on the same folder.
 """
 
 import argparse
@@ -23,18 +28,31 @@ import diffusers
 import numpy as np
 import torch
 import transformers
-from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 from PIL import Image
 
-from diffusers_disback import DisBackPipeline
+from diffusers_disback import DisBackPipeline, DisBackSD3Pipeline
 from diffusers_disback.evaluation import default_judge, judge_images
 from diffusers_disback.images import image_grid
 from diffusers_disback.shapes import SHOWCASE_CAPTIONS, all_scenes, distill_arguments, write_prompts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(HERE, "train_disback")
-TEACHER = os.path.join(HERE, "shapes", "teacher")
 PROMPTS = list(SHOWCASE_CAPTIONS)  # the last three are held-out pairs: never trained on
+NO_T5 = {"text_encoder_3": None, "tokenizer_3": None}
+FAMILIES = {
+    "sdxl": {
+        "teacher": "teacher", "script": "train_disback_sdxl.py", "flags": {"conditioning_timestep": None},
+        "pipeline": DisBackPipeline, "stock": StableDiffusionXLPipeline, "load": {}, "call": {}, "steps": 25,
+        "stock_call": {"timesteps": [399], "guidance_scale": 0.0},
+    },
+    "sd3": {  # sigma = 1; the teacher was trained with 8 (zero) T5 tokens and has no T5
+        "teacher": "teacher_sd3", "script": "train_disback_sd3.py",
+        "flags": {"conditioning_timestep": 1000, "max_sequence_length": 8}, "pipeline": DisBackSD3Pipeline,
+        "stock": StableDiffusion3Pipeline, "load": NO_T5, "call": {"max_sequence_length": 8}, "steps": 28,
+        "stock_call": {"num_inference_steps": 1, "guidance_scale": 0.0},
+    },
+}  # fmt: skip
 
 
 def generate(pipe, captions, **kwargs):
@@ -52,14 +70,16 @@ def main() -> None:
     parser.add_argument("--output_dir", default="demo_output")
     parser.add_argument("--degradation_steps", type=int, default=40)
     parser.add_argument("--max_train_steps", type=int, default=300)
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="sdxl", help="sd3: the flow-matching teacher")
     args = parser.parse_args()
+    fam = FAMILIES[args.family]
     start = time.perf_counter()
     diffusers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     os.makedirs(args.output_dir, exist_ok=True)
 
-    teacher_dir = TEACHER
+    teacher_dir = os.path.join(HERE, "shapes", fam["teacher"])
     prompts_file = write_prompts(os.path.join(args.output_dir, "prompts.txt"), "train")
     print(f"[1/4] the shapes teacher: {teacher_dir}; {len(all_scenes('train'))} training captions", flush=True)
 
@@ -68,7 +88,7 @@ def main() -> None:
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", os.path.join(TRAIN, "configs", "cpu_demo.yaml"),
-        os.path.join(TRAIN, "train_disback_sdxl.py"),
+        os.path.join(TRAIN, fam["script"]),
         "--pretrained_teacher_model", teacher_dir,
         "--train_data_files", prompts_file,
         "--output_dir", run_dir,
@@ -80,7 +100,7 @@ def main() -> None:
             max_train_steps=args.max_train_steps,
             backtrack_interval=max(1, args.max_train_steps // 3),
             learning_rate=1e-4,
-            conditioning_timestep=None,  # the script's default, 399
+            **fam["flags"],  # SDXL: the script's default t_c, 399
             checkpointing_steps=max(1, args.max_train_steps // 2),
             checkpoints_total_limit=None,  # keep every checkpoint
             validation_steps=max(1, args.max_train_steps // 2),
@@ -91,38 +111,39 @@ def main() -> None:
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})
 
     final = os.path.join(run_dir, "final")
-    pipe = DisBackPipeline.from_pretrained(final)
+    pipe = fam["pipeline"].from_pretrained(final)
     pipe.set_progress_bar_config(disable=True)
-    teacher = StableDiffusionXLPipeline.from_pretrained(teacher_dir)
+    teacher = fam["stock"].from_pretrained(teacher_dir, **fam["load"])
     teacher.set_progress_bar_config(disable=True)
     captions = [s.caption for s in all_scenes()]
     judge = default_judge()
-    one_step = generate(pipe, captions)
-    multi_step = generate(teacher, captions, num_inference_steps=25, guidance_scale=5.0)
+    steps = fam["steps"]
+    one_step = generate(pipe, captions, **fam["call"])
+    multi_step = generate(teacher, captions, num_inference_steps=steps, guidance_scale=5.0, **fam["call"])
     shown = [captions.index(p) for p in PROMPTS]
     grid = image_grid([multi_step[i] for i in shown] + [one_step[i] for i in shown], columns=len(shown))
     grid_path = os.path.join(args.output_dir, "samples_one_step.png")
     grid.resize((grid.width * 3, grid.height * 3), Image.NEAREST).save(grid_path)
     print(
-        f"[3/4] loaded {final} with DisBackPipeline; grid written to {grid_path} (top: teacher, 25 steps, CFG 5; "
-        f"bottom: one step at t={pipe.scheduler.timesteps.tolist()}); path, checkpoints, validation images and "
-        f"TensorBoard logs in {run_dir}"
+        f"[3/4] loaded {final} with {type(pipe).__name__}; grid written to {grid_path} (top: teacher, {steps} steps, "
+        f"CFG 5; bottom: one step); path, checkpoints, validation images and TensorBoard logs in {run_dir}"
     )
-    for name, images in (("teacher, 25 steps, CFG 5", multi_step), ("DisBack, 1 step", one_step)):
+    for name, images in ((f"teacher, {steps} steps, CFG 5", multi_step), ("DisBack, 1 step", one_step)):
         accuracy = judge_images(judge, images, captions)["accuracy/all"]
         print(f"      judge: {name}: all-attribute accuracy {accuracy:.3f} over {len(captions)} captions")
 
-    reference = np.asarray(pipe(PROMPTS[0], generator=torch.Generator().manual_seed(0)).images[0], dtype=np.float32)
-    plain = StableDiffusionXLPipeline.from_pretrained(final)
+    seed = torch.Generator().manual_seed
+    reference = np.asarray(pipe(PROMPTS[0], generator=seed(0), **fam["call"]).images[0], dtype=np.float32)
+    plain = fam["stock"].from_pretrained(final, **fam["load"])
     remote = DiffusionPipeline.from_pretrained(final, custom_pipeline=final, trust_remote_code=True)
     for name, p, kwargs in (
-        ("StableDiffusionXLPipeline (no remote code)", plain, {"timesteps": [399], "guidance_scale": 0.0}),
-        ("DiffusionPipeline(custom_pipeline=..., trust_remote_code=True)", remote, {}),
+        (f"{fam['stock'].__name__} (no remote code)", plain, {**fam["stock_call"], **fam["call"]}),
+        ("DiffusionPipeline(custom_pipeline=..., trust_remote_code=True)", remote, fam["call"]),
     ):
         p.set_progress_bar_config(disable=True)
-        other = p(PROMPTS[0], generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+        other = p(PROMPTS[0], generator=seed(0), **kwargs).images[0]
         diff = np.abs(np.asarray(other, dtype=np.float32) - reference).max()
-        print(f"[4/4] {name}: max pixel difference to DisBackPipeline = {diff:.0f}/255")
+        print(f"[4/4] {name}: max pixel difference to {type(pipe).__name__} = {diff:.0f}/255")
     print(f"done in {time.perf_counter() - start:.1f}s")
 
 

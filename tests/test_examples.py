@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -26,17 +28,18 @@ def test_inference_benchmark_quick(tmp_path):
     assert png.stat().st_size > 1000
 
 
-def test_demo(tmp_path):
+@pytest.mark.parametrize("family, pipeline", [("sdxl", "DisBackPipeline"), ("sd3", "DisBackSD3Pipeline")])
+def test_demo(tmp_path, family, pipeline):
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", "demo.py"), "--output_dir", str(tmp_path)]
-        + ["--degradation_steps", "4", "--max_train_steps", "4"],
+        + ["--degradation_steps", "4", "--max_train_steps", "4", "--family", family],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "samples_one_step.png").is_file()
-    assert out.stdout.count("max pixel difference to DisBackPipeline = 0/255") == 2
+    assert out.stdout.count(f"max pixel difference to {pipeline} = 0/255") == 2
     assert out.stdout.count("all-attribute accuracy") == 2  # the judge scores the teacher and the generator
     assert (tmp_path / "run" / "final" / "README.md").is_file()
     assert (tmp_path / "run" / "path" / "path_manifest.json").is_file()
