@@ -177,3 +177,27 @@ def test_scripts_name_the_family_they_need(teacher, tmp_path):
     assert proc.returncode == 2 and "not available for SD3/SD3.5" in proc.stderr
     proc = _run(_cmd(teacher, tmp_path / "tc", "--conditioning_timestep", "1200"))
     assert proc.returncode != 0 and "--conditioning_timestep must be in (0, 1000]" in proc.stderr
+
+
+def test_cli_generates_and_evaluates_an_sd3_folder(teacher, full_run, tmp_path):
+    """`disback generate` and `disback evaluate` take the SD3 one-step folder (and the T5-less teacher) as they are."""
+    import numpy as np
+    from PIL import Image
+
+    from diffusers_disback import DisBackSD3Pipeline
+    from diffusers_disback.cli import main
+    from diffusers_disback.evaluation import load_pipeline
+
+    out, _ = full_run
+    png = tmp_path / "cat.png"
+    assert main(["generate", str(out / "final"), "a cat", "--output", str(png), "--max-sequence-length", "16",
+                 "--device", "cpu"]) == 0  # fmt: skip
+    pipe = DisBackSD3Pipeline.from_pretrained(out / "final")
+    expected = pipe("a cat", generator=torch.Generator().manual_seed(0), max_sequence_length=16).images[0]
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(expected))
+    assert type(load_pipeline(str(out / "final"))).__name__ == "DisBackSD3Pipeline"
+    assert type(load_pipeline(teacher)).__name__ == "StableDiffusion3Pipeline"  # a teacher: stock, without T5
+    assert main(["evaluate", str(out / "final"), "--protocol", "shapes", "--output", str(tmp_path / "eval"),
+                 "--max-sequence-length", "16", "--device", "cpu"]) == 0  # fmt: skip
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
+    assert 0 <= metrics["shapes_accuracy"] <= 1

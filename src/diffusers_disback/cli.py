@@ -46,12 +46,30 @@ def _model_source(spec: str, what: str = "model") -> str:
     return spec
 
 
+def _is_sd3(source: str) -> bool:
+    """Whether `source` is an SD3 pipeline folder or repo (its model_index names one)."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        cls = DiffusionPipeline.load_config(source).get("_class_name")
+    except (OSError, ValueError):
+        return False
+    return cls in ("StableDiffusion3Pipeline", "DisBackSD3Pipeline")
+
+
 def _generate(args) -> int:
     import torch
 
+    from .evaluation.evaluate import load_sd3_pipeline
     from .pipeline_disback import DisBackPipeline
 
-    pipe = DisBackPipeline.from_pretrained(_model_source(args.model), torch_dtype=_dtype(args.dtype))
+    source = _model_source(args.model)
+    extra = {}
+    if _is_sd3(source):  # the one-step SD3 pipeline (a flow-matching generator)
+        pipe = load_sd3_pipeline(source, torch_dtype=_dtype(args.dtype))
+        extra = {"max_sequence_length": args.max_sequence_length} if args.max_sequence_length else {}
+    else:
+        pipe = DisBackPipeline.from_pretrained(source, torch_dtype=_dtype(args.dtype))
     pipe.to(args.device)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     images = pipe(
@@ -61,6 +79,7 @@ def _generate(args) -> int:
         width=args.width,
         num_images_per_prompt=args.num_images,
         generator=generator,
+        **extra,
     ).images
     for i, image in enumerate(images):
         path = args.output if len(images) == 1 else args.output.replace(".png", f"_{i}.png")
@@ -206,6 +225,7 @@ def _evaluate(args) -> int:
         device=device,
         model_id=_model_id(args),
         feature_batch_size=args.feature_batch_size,
+        **({"max_sequence_length": args.max_sequence_length} if args.max_sequence_length else {}),
     )
     if record is not None:
         for name, value in record["metrics"].items():
@@ -318,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--device", default="cuda" if _cuda() else "cpu")
     g.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: as saved)")
+    g.add_argument(
+        "--max-sequence-length", type=int, default=None, help="SD3: T5 tokens (default: the pipeline's 256)"
+    )
     g.set_defaults(func=_generate)
 
     x = sub.add_parser(
@@ -422,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stats-cache", default=None, help="reference statistics cache folder")
     e.add_argument("--device", default=None, help="default: the accelerate process's device")
     e.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: as saved)")
+    e.add_argument(
+        "--max-sequence-length", type=int, default=None, help="SD3: T5 tokens (default: the pipeline's 256)"
+    )
     e.add_argument("--revision", default=None)
     e.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
     e.add_argument(

@@ -37,6 +37,7 @@ __all__ = [
     "get_tiny_sd3_transformer",
     "get_tiny_flux_transformer",
     "save_tiny_sd3_teacher",
+    "get_sd35_medium_models",
     "TINY_SD3_TRANSFORMER_CONFIG",
     "get_tiny_tokenizer",
     "save_tiny_teacher",
@@ -274,6 +275,45 @@ _TINY_SD3_VAE = {
     "shift_factor": 0.0609,  # SD3's VAE: latents = (z - shift_factor) * scaling_factor
     "scaling_factor": 1.5035,
 }
+
+
+# stabilityai/stable-diffusion-3.5-medium transformer/config.json (MMDiT-X: dual attention in the first 13 blocks);
+# its text encoders are CLIP-L and CLIP-G with projections and T5-XXL's encoder, its VAE SDXL's with 16 channels
+SD35_MEDIUM_TRANSFORMER_CONFIG = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)),
+    "qk_norm": "rms_norm",
+}
+
+
+def get_sd35_medium_models(seed: int = 0) -> dict:
+    """The networks of SD3.5-Medium at their real configuration with seeded random weights: `transformer`, `vae`,
+    `text_encoder` (CLIP-L), `text_encoder_2` (CLIP-G), `text_encoder_3` (T5-XXL's encoder). Meant for
+    `torch.device("meta")` (the memory accounting); at full size it is 7.6 B parameters."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER_CONFIG)
+    vae = AutoencoderKL(**{**_SDXL_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False,
+                           "shift_factor": 0.0609, "scaling_factor": 1.5305})  # fmt: skip
+    common = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1, vocab_size=49408, hidden_act="gelu")
+    clip_l = CLIPTextModelWithProjection(CLIPTextConfig(**common, **_SDXL_TEXT_1, projection_dim=768))
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**{**common, **_SDXL_TEXT_2}))
+    t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                                 feed_forward_proj="gated-gelu", is_encoder_decoder=False))  # fmt: skip
+    return {"transformer": transformer, "vae": vae, "text_encoder": clip_l, "text_encoder_2": clip_g,
+            "text_encoder_3": t5}  # fmt: skip
 
 
 def get_tiny_sd3_transformer(seed: int = 0, **overrides):

@@ -76,7 +76,8 @@ def load_pipeline(
     """
     The pipeline to evaluate: a diffusers folder or Hub id, loaded with `DiffusionPipeline.from_pretrained` and its
     saved scheduler; a DisBack repo (docs/hub.md) as a `DisBackPipeline` over those components, so that
-    `num_inference_steps` samples the DisBack timesteps (1 step: the conditioning timestep). With `checkpoint`, a
+    `num_inference_steps` samples the DisBack timesteps (1 step: the conditioning timestep); an SD3 one through
+    [`load_sd3_pipeline`]. With `checkpoint`, a
     released raw UNet checkpoint put into `model` (the SDXL base) through the conversion path.
     """
     if checkpoint is not None:
@@ -85,6 +86,9 @@ def load_pipeline(
         return DisBackPipeline.from_unet_checkpoint(checkpoint, base_model=model, torch_dtype=torch_dtype)
     from diffusers import DiffusionPipeline
 
+    index = DiffusionPipeline.load_config(model, revision=revision)
+    if index.get("_class_name") in ("StableDiffusion3Pipeline", "DisBackSD3Pipeline"):
+        return load_sd3_pipeline(model, torch_dtype, revision, variant)
     pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype, revision=revision, variant=variant)
     if _is_disback_layout(pipe):
         # A DisBack repo names a stock LCMScheduler, whose own one-step rule samples t = 999, not the generator's
@@ -93,6 +97,21 @@ def load_pipeline(
 
         pipe = DisBackPipeline.from_pipe(pipe)
     return pipe
+
+
+def load_sd3_pipeline(model: str, torch_dtype=None, revision: str | None = None, variant: str | None = None):
+    """An SD3 folder or repo: a `DisBackSD3Pipeline` when it holds the student's scheduler (docs/inference.md), else
+    a stock `StableDiffusion3Pipeline` (a teacher); a pipeline without T5 loads with `text_encoder_3=None`."""
+    from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
+
+    from ..pipeline_disback_sd3 import DisBackSD3Pipeline, is_disback_flow_scheduler
+
+    index = DiffusionPipeline.load_config(model, revision=revision)
+    missing = {k: None for k in ("text_encoder_3", "tokenizer_3") if (index.get(k) or [None])[0] is None}
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        model, torch_dtype=torch_dtype, revision=revision, variant=variant, **missing
+    )
+    return DisBackSD3Pipeline.from_pipe(pipe) if is_disback_flow_scheduler(pipe.scheduler) else pipe
 
 
 def _is_disback_layout(pipe) -> bool:

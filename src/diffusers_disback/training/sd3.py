@@ -230,8 +230,10 @@ class FrozenSD3:
         for m in (*encoders, teacher):
             m.requires_grad_(False).eval()
         encoder_device = "cpu" if offload_text_encoders else device
-        for m in encoders:
+        for m in (te, te2):  # the CLIPs in fp32 (one pass per batch), as SDXL's
             m.to(encoder_device, torch.float32)
+        if te3 is not None:  # T5-XXL is 4.8 B parameters (19 GB in fp32): bf16 under bf16, else fp32 (fp16 overflows)
+            te3.to(encoder_device, torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32)
         step = 8 * teacher.config.patch_size
         if resolution % step:
             raise ValueError(
