@@ -70,6 +70,10 @@ def parse_args(argv=None):
     p.add_argument("--eval_steps", type=int, default=250)
     p.add_argument("--report", default=None, help="default: results/shapes_compare{,_sd3}.md")
     p.add_argument("--plot", default=None, help="default: docs/images/shapes_curves{,_sd3}.png")
+    p.add_argument(
+        "--merge_from", nargs="+", default=None, metavar="DIR",
+        help="only write the report, from the results.json of these output folders (runs split across processes)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     fam = args.spec = FAMILIES[args.family]
     args.teacher = args.teacher or os.path.join(ROOT, "examples", "shapes", fam["teacher"])
@@ -147,8 +151,22 @@ def curve(run_dir: str) -> list[dict]:
     return [last[k] for k in sorted(last)]
 
 
+def merge_report(args) -> None:
+    """The report of runs made by several invocations (e.g. one seed per core), read from their results.json."""
+    teacher, runs = None, []
+    for folder in args.merge_from:
+        with open(os.path.join(folder, "results.json")) as f:
+            results = json.load(f)
+        teacher = teacher or results["teacher"]
+        runs += results["runs"]
+    args.seeds = sorted({r["seed"] for r in runs})
+    write_report(args, teacher, runs)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge_from:
+        return merge_report(args)
     os.makedirs(args.output_dir, exist_ok=True)
     args.prompts = write_prompts(os.path.join(args.output_dir, "prompts.txt"), "train")
     teacher_images, teacher_metrics = teacher_samples(args)

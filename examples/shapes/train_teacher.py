@@ -249,14 +249,14 @@ def train_unet(pipe, latents, cond, steps: int, batch_size: int, seed: int) -> U
 
 
 @torch.no_grad()
-def write_card(folder: str, steps: int = 25, guidance_scale: float = 5.0) -> dict:
-    """Judges the teacher over every caption of the world (image i seeded i) and writes `README.md` (the judge's
-    numbers) and `samples.png` (the showcase captions) into its folder."""
+def judge_teacher(pipe, folder: str, steps: int, guidance_scale: float, **call_kwargs) -> tuple[dict, str]:
+    """Samples every caption of the world with `pipe` (image i seeded i), reads them back with the shapes judge and
+    writes `samples.png` (the showcase captions) into `folder`; returns the judge's rows (all, training, held-out
+    captions) and their markdown table rows."""
     from diffusers_disback.evaluation import default_judge, judge_images
     from diffusers_disback.images import image_grid
     from diffusers_disback.shapes import SHOWCASE_CAPTIONS
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     scenes = all_scenes()
     captions = [s.caption for s in scenes]
@@ -265,7 +265,7 @@ def write_card(folder: str, steps: int = 25, guidance_scale: float = 5.0) -> dic
         chunk = captions[start : start + 48]
         generators = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
         images += pipe(chunk, generator=generators, height=RESOLUTION, width=RESOLUTION,
-                       num_inference_steps=steps, guidance_scale=guidance_scale).images  # fmt: skip
+                       num_inference_steps=steps, guidance_scale=guidance_scale, **call_kwargs).images  # fmt: skip
     judge = default_judge()
     rows = {}
     for name, keep in (
@@ -283,6 +283,14 @@ def write_card(folder: str, steps: int = 25, guidance_scale: float = 5.0) -> dic
         f"{r['accuracy/position']:.3f} | {r['accuracy/background']:.3f} |"
         for name, r in rows.items()
     )
+    return rows, table
+
+
+@torch.no_grad()
+def write_card(folder: str, steps: int = 25, guidance_scale: float = 5.0) -> dict:
+    """Judges the teacher over every caption of the world (image i seeded i) and writes `README.md` (the judge's
+    numbers) and `samples.png` (the showcase captions) into its folder."""
+    rows, table = judge_teacher(StableDiffusionXLPipeline.from_pretrained(folder), folder, steps, guidance_scale)
     card = f"""---
 library_name: diffusers
 pipeline_tag: text-to-image

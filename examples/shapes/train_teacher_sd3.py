@@ -30,7 +30,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from train_teacher import RESOLUTION, build_text_encoders, render_batch
 
 from diffusers_disback.distill import shift_sigmas
-from diffusers_disback.shapes import all_scenes, sample_scenes
+from diffusers_disback.shapes import sample_scenes
 
 MAX_SEQUENCE_LENGTH = 8  # T5's (zero) tokens in the prompt embedding; sample with the same number
 SHIFT = 3.0
@@ -141,36 +141,10 @@ def train_transformer(latents, cond, steps: int, batch_size: int, seed: int) -> 
 def write_card(folder: str, steps: int = 28, guidance_scale: float = 5.0) -> dict:
     """Judges the teacher over every caption of the world (image i seeded i, `steps` Euler steps) and writes
     `README.md` and `samples.png`."""
-    from diffusers_disback.evaluation import default_judge, judge_images
-    from diffusers_disback.images import image_grid
-    from diffusers_disback.shapes import SHOWCASE_CAPTIONS
+    from train_teacher import judge_teacher
 
     pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
-    pipe.set_progress_bar_config(disable=True)
-    scenes = all_scenes()
-    captions = [s.caption for s in scenes]
-    images = []
-    for start in range(0, len(captions), 48):
-        chunk = captions[start : start + 48]
-        generators = [torch.Generator().manual_seed(start + i) for i in range(len(chunk))]
-        images += pipe(chunk, generator=generators, height=RESOLUTION, width=RESOLUTION, num_inference_steps=steps,
-                       guidance_scale=guidance_scale, max_sequence_length=MAX_SEQUENCE_LENGTH).images  # fmt: skip
-    judge = default_judge()
-    rows = {}
-    for name, keep in (
-        ("all", lambda s: True),
-        ("training", lambda s: not s.held_out),
-        ("held-out", lambda s: s.held_out),
-    ):
-        idx = [i for i, s in enumerate(scenes) if keep(s)]
-        rows[name] = judge_images(judge, [images[i] for i in idx], [captions[i] for i in idx])
-    shown = [images[captions.index(c)] for c in SHOWCASE_CAPTIONS]
-    image_grid(shown).resize((len(shown) * 192, 192), resample=0).save(os.path.join(folder, "samples.png"))
-    table = "\n".join(
-        f"| {name} captions | {r['accuracy/all']:.3f} | {r['accuracy/colour']:.3f} | {r['accuracy/shape']:.3f} | "
-        f"{r['accuracy/position']:.3f} | {r['accuracy/background']:.3f} |"
-        for name, r in rows.items()
-    )
+    rows, table = judge_teacher(pipe, folder, steps, guidance_scale, max_sequence_length=MAX_SEQUENCE_LENGTH)
     card = f"""---
 library_name: diffusers
 pipeline_tag: text-to-image

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..distill import FlowSchedule, SigmaDistribution
+from .sdxl import _dtype_of
 
 # diffusers' train_dreambooth_lora_sd3.py: the image and the context stream's attention projections
 SD3_LORA_TARGETS = [
@@ -122,13 +123,6 @@ def transformer_flow_fn(transformer: torch.nn.Module, autocast: bool = True):
             )[0].float()
 
     return velocity
-
-
-def _dtype_of(module: torch.nn.Module) -> torch.dtype:
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
 
 
 def flow_schedule(config, scheduler_shift: float) -> dict[str, FlowSchedule]:
