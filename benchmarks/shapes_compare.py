@@ -235,7 +235,8 @@ def _curve_table(args, runs: list[dict], name=str, step="{}".format) -> list[str
 def write_report(args, teacher: dict, runs: list[dict]) -> None:
     """The full tables (section `record` of `--report`) and the summary that docs/benchmarks.md shows (`summary`)."""
     lines = [
-        f"`python benchmarks/shapes_compare.py --seeds {' '.join(map(str, args.seeds))} --inits {' '.join(args.inits)}`"
+        f"`python benchmarks/shapes_compare.py{'' if args.family == 'sdxl' else ' --family ' + args.family} "
+        f"--seeds {' '.join(map(str, args.seeds))} --inits {' '.join(args.inits)}`"
         f" — {args.max_train_steps} stage-2 iterations; mean ± sd over seeds; wall times of the whole invocation "
         "(model loading included, in-training evaluation included in stage 2), measured in this run.",
         "",
