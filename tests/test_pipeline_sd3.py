@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 import diffusers_disback
@@ -202,25 +202,23 @@ def test_saved_layout_is_what_stock_diffusers_needs(saved):
 
 
 def test_three_loading_routes_give_identical_images(saved):
+    """Routes 1 and 3 here; route 2 (remote code) runs in a fresh interpreter in
+    `test_the_folder_loads_as_remote_code_without_the_package`: diffusers imports every local `pipeline.py` as one
+    module, `diffusers_modules.local.pipeline`, so in a process that already loaded the SDXL repo's remote pipeline
+    that module would hold both classes and diffusers refuses to choose."""
     folder, expected = saved
     ours = _quiet(DisBackSD3Pipeline.from_pretrained(folder))  # no T5 and no text_encoder_3=None needed
     plain = _quiet(StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None))
-    remote = _quiet(DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(folder), trust_remote_code=True))
     assert type(plain) is StableDiffusion3Pipeline and ours.text_encoder_3 is None
-    assert type(remote).__name__ == "DisBackSD3Pipeline" and type(remote) is not DisBackSD3Pipeline
-    for p in (ours, plain, remote):
+    for p in (ours, plain):
         assert type(p.scheduler) is FlowMatchEulerDiscreteScheduler and p.scheduler.config.stochastic_sampling
 
     a = ours("a cat", generator=_gen(), output_type="np", **CALL).images
     b = plain("a cat", num_inference_steps=1, guidance_scale=0, generator=_gen(), output_type="np", **CALL).images
-    c = remote("a cat", generator=_gen(), output_type="np", **CALL).images
     np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(a, c)
     assert np.abs(a - expected[1]).max() <= ROUND_TRIP_ATOL
 
     a4 = ours("a cat", num_inference_steps=4, generator=_gen(), output_type="np", **CALL).images
-    c4 = remote("a cat", num_inference_steps=4, generator=_gen(), output_type="np", **CALL).images
-    np.testing.assert_array_equal(a4, c4)
     assert np.abs(a4 - expected[4]).max() <= ROUND_TRIP_ATOL
     # plain diffusers samples the same rungs with `sigmas=`; its loop draws the re-noising from torch's global RNG
     torch.manual_seed(0)
