@@ -225,6 +225,14 @@ def test_fsdp2_with_gradient_checkpointing_and_sharded_resume(teacher, tmp_path)
     assert DisBackPipeline.from_pretrained(again / "final").unet.config.sample_size == 8
 
 
+def adapter_dtypes(state: dict) -> dict:
+    """The dtypes of a shared-base checkpoint's weights, by owner: "base" or the adapter's name."""
+    dtypes = {}
+    for k, v in state.items():
+        dtypes.setdefault(k.split(".lora_")[1].split(".")[1] if "lora_" in k else "base", set()).add(v.dtype)
+    return dtypes
+
+
 def test_one_gpu_lora_mode(teacher, tmp_path):
     out = tmp_path / "lora"
     args = ["--lora_rank", "4", "--path_node_type", "lora", "--path_lora_rank", "4", "--mixed_precision", "bf16"]
@@ -233,10 +241,7 @@ def test_one_gpu_lora_mode(teacher, tmp_path):
     # under bf16 the shared frozen base and the path nodes are bf16, the trained adapters fp32 master weights (peft
     # makes them bf16 by default)
     shared = load_file(out / "checkpoints" / "checkpoint-10" / "model.safetensors")
-    dtypes = {}
-    for k, v in shared.items():
-        dtypes.setdefault(k.split(".lora_")[1].split(".")[1] if "lora_" in k else "base", set()).add(v.dtype)
-    assert dtypes == {"base": {torch.bfloat16}, "node_1": {torch.bfloat16}, "node_2": {torch.bfloat16},
+    assert adapter_dtypes(shared) == {"base": {torch.bfloat16}, "node_1": {torch.bfloat16}, "node_2": {torch.bfloat16},
                       "generator": {torch.float32}, "fake_score": {torch.float32}}  # fmt: skip
     path = DegradationPath.load(out / "path")
     assert path.kind == "lora" and all(n.num_bytes < 400_000 for n in path.nodes[1:])  # a full node: 8 MB

@@ -122,15 +122,14 @@ def test_shared_base_lora_bf16_on_a_flow_teacher(teacher, tmp_path):
     """LoRA on one shared base under bf16: the base and the path nodes are bf16, the trained adapters fp32; the
     adapters sit on SD3's DreamBooth targets (the context stream's projections too) and the generator moves at the
     real learning rate."""
+    from test_train import adapter_dtypes
+
     out = tmp_path / "lora"
     args = ["--lora_rank", "4", "--path_node_type", "lora", "--path_lora_rank", "4", "--mixed_precision", "bf16"]
     proc = _run(_cmd(teacher, out, *args))
     assert proc.returncode == 0, proc.stderr[-3000:]
     shared = load_file(out / "checkpoints" / "checkpoint-10" / "model.safetensors")
-    dtypes = {}
-    for k, v in shared.items():
-        dtypes.setdefault(k.split(".lora_")[1].split(".")[1] if "lora_" in k else "base", set()).add(v.dtype)
-    assert dtypes == {"base": {torch.bfloat16}, "node_1": {torch.bfloat16}, "node_2": {torch.bfloat16},
+    assert adapter_dtypes(shared) == {"base": {torch.bfloat16}, "node_1": {torch.bfloat16}, "node_2": {torch.bfloat16},
                       "generator": {torch.float32}, "fake_score": {torch.float32}}  # fmt: skip
     targets = {k.split(".lora_")[0].split("attn.")[1] for k in shared if ".generator." in k}
     assert targets == {"add_k_proj", "add_q_proj", "add_v_proj", "to_add_out", "to_k", "to_out.0", "to_q", "to_v"}
