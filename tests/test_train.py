@@ -136,45 +136,163 @@ def test_kill_and_resume_equals_uninterrupted(teacher, uninterrupted, tmp_path):
     assert DegradationPath.load(out / "path").nodes == DegradationPath.load(uninterrupted[0] / "path").nodes
 
 
-def test_two_process_ddp_on_cpu(teacher, tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-        *_cmd(teacher, out)[1:],
-    ]
-    env_cpu = {"ACCELERATE_USE_CPU": "true"}
-    proc = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, **env_cpu, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""},
-    )
+def _copy_until(src, dst, last: int):
+    """A copy of a finished run without its final pipeline and its checkpoints after `last`."""
+    later = [d.name for d in (src / "checkpoints").iterdir() if int(d.name.split("-")[1]) > last]
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("final", *later))
+    return dst
+
+
+def test_a_damaged_newest_checkpoint_is_named_and_skipped(teacher, uninterrupted, tmp_path):
+    out = _copy_until(uninterrupted[0], tmp_path / "damaged", 8)
+    model = out / "checkpoints" / "checkpoint-8" / "model_1.safetensors"
+    model.write_bytes(model.read_bytes()[:1000])  # cut short, as by a full disk or a copy that died
+    proc = _run(_cmd(teacher, out, "--resume_from_checkpoint", "latest"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = out / "checkpoints" / "checkpoint-10"
+    skipped = [line for line in proc.stderr.splitlines() if "skipping a damaged checkpoint" in line]
+    assert len(skipped) == 1 and "checkpoint-8: model_1.safetensors is 1000 bytes" in skipped[0]
+    assert "resumed from" in proc.stderr and "checkpoint-6" in proc.stderr.split("resumed from")[1].splitlines()[0]
+    expected, got = _final_unet(uninterrupted[0]), _final_unet(out)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0, msg=k)
+
+    # with nothing good left, the run stops with what to do, and nothing is deleted
+    only = _copy_until(uninterrupted[0], tmp_path / "only-damaged", 2)
+    noise = only / "checkpoints" / "checkpoint-2" / "noise_rng_0.safetensors"
+    noise.write_bytes(noise.read_bytes()[:-1] + b"x")  # same size, other bytes: only the sha256 tells
+    proc = _run(_cmd(teacher, only, "--resume_from_checkpoint", "latest"))
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "every checkpoint in" in last and "noise_rng_0.safetensors differs from what was written" in last
+    assert "--resume_from_checkpoint hub" in last and noise.is_file()
+
+
+def test_a_pickle_that_would_run_code_is_refused(teacher, uninterrupted, tmp_path):
+    import pickle
+
+    from diffusers_disback.training.state import write_manifest
+
+    out = _copy_until(uninterrupted[0], tmp_path / "planted", 6)
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    ckpt = out / "checkpoints" / "checkpoint-6"
+    (ckpt / "random_states_0.pkl").write_bytes(pickle.dumps({"python": Payload()}))
+    write_manifest(str(ckpt), 1)  # whoever planted it also rewrote the manifest: the check must not rely on it
+    proc = _run(_cmd(teacher, out, "--resume_from_checkpoint", "latest"))
+    assert proc.returncode != 0 and not marker.exists()
+    assert "random_states_0.pkl holds a pickle that would call posix.system" in proc.stderr
+
+
+def _launch(args, harness=None, failpoint=None):
+    """A 2-process run on CPU (gloo): DDP, or FSDP2 through tests/fsdp2_cpu_harness.py (`harness`); `failpoint`
+    (DISBACK_FAILPOINT, docs/training.md "Faults") makes a rank fail at a named moment."""
+    target = [os.path.join(ROOT, "tests", "fsdp2_cpu_harness.py")] if harness else [SCRIPT]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           *target, *args]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("DISBACK_FAILPOINT", None)
+    if failpoint:
+        env["DISBACK_FAILPOINT"] = failpoint
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _launch_fsdp2(args, failpoint=None):
+    return _launch(args, harness=True, failpoint=failpoint)
+
+
+HUB = ["--push_to_hub", "--hub_token", "hf_test", "--hub_push_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(teacher, tmp_path_factory, hub_server):
+    """An uninterrupted 2-process DDP run, pushing every checkpoint to user/ddp-run."""
+    out = tmp_path_factory.mktemp("ddp")
+    proc = _launch(_cmd(teacher, out, *HUB, "--hub_model_id", "user/ddp-run")[2:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_two_process_ddp_on_cpu(ddp_reference):
+    ckpt = ddp_reference / "checkpoints" / "checkpoint-10"
     assert (ckpt / "data_0.json").is_file() and (ckpt / "data_1.json").is_file()  # each rank's stream position
-    assert DisBackPipeline.from_pretrained(out / "final").unet is not None
+    # the checkpoint was completed once both ranks' parts were on disk: the manifest lists them
+    files = json.loads((ckpt / "checkpoint_manifest.json").read_text())["files"]
+    assert {"random_states_1.pkl", "noise_rng_1.safetensors", "model_1.safetensors"} <= set(files)
+    assert DisBackPipeline.from_pretrained(ddp_reference / "final").unet is not None
 
 
-def test_hub_pushes_and_a_failed_push_does_not_stop_training(teacher, tmp_path, hub_server):
+def _assert_same_run(got, expected):
+    """The final UNet and every path node bit-identical to the uninterrupted run's."""
+    a, b = _final_unet(expected), _final_unet(got)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    assert DegradationPath.load(got / "path").nodes == DegradationPath.load(expected / "path").nodes
+
+
+def _kill_chain(launch, args, out, failpoints):
+    """Launches once per failpoint (each launch fails there; the later ones resume), then once to the end."""
+    for i, failpoint in enumerate(failpoints):
+        proc = launch(args + (["--resume_from_checkpoint", "latest"] if i else []), failpoint=failpoint)
+        assert proc.returncode != 0, f"{failpoint} did not fail the run"
+        assert "Signal 9 (SIGKILL)" in proc.stderr, proc.stderr[-3000:]
+    proc = launch(args + ["--resume_from_checkpoint", "latest"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_ddp_resumes_bit_identically_after_kills_of_one_rank_or_all(teacher, ddp_reference, tmp_path):
+    out = tmp_path / "killed"
+    # failpoints count from each launch's start: stage 1 runs steps 1-4 (nodes at 2 and 4, checkpoints at 2 and 4)
+    failpoints = [
+        "path_node:1:0",  # rank 0 dies writing node 1 (before any checkpoint: stage 1 starts again)
+        "path_node:2:1",  # rank 1 dies while rank 0 writes node 2, after checkpoint-2
+        "checkpoint:1",  # every rank dies inside the checkpoint-4 write (the end of stage 1)
+        "iteration:3:0",  # rank 0 dies in stage-2 iteration 1 (resumed from checkpoint-2: 2 stage-1 steps first)
+        "checkpoint:2",  # every rank dies inside the checkpoint-8 write (resumed from checkpoint-4)
+    ]
+    proc = _kill_chain(
+        lambda a, failpoint=None: _launch(a, failpoint=failpoint), _cmd(teacher, out)[2:], out, failpoints
+    )
+    assert "resumed from" in proc.stderr
+    _assert_same_run(out, ddp_reference)
+
+
+def test_a_hung_rank_ends_the_job_within_the_timeout(teacher, tmp_path):
+    out = tmp_path / "hung"
+    # rank 1 freezes (SIGSTOP: a hung node) in stage-2 iteration 2; rank 0 waits in the gradient all-reduce
+    proc = _launch(_cmd(teacher, out, "--ddp_timeout", "10")[2:], failpoint="iteration:6:1:stop")
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("rank 0: lost rank 1")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert "no reply within --ddp_timeout" in lines[0] and "last complete checkpoint: checkpoint-4" in lines[0]
+    assert "--resume_from_checkpoint latest" in lines[0]
+    assert "Traceback" not in proc.stderr.split("rank 0: lost rank 1")[0]  # no stack of gloo traces before it
+
+
+def test_ddp_resumes_from_the_hub_on_an_empty_output_folder(teacher, ddp_reference, hub_server, tmp_path):
+    from huggingface_hub import list_repo_commits
+
+    commits = {c.title: c.commit_id for c in list_repo_commits("user/ddp-run")}
+    out = tmp_path / "fresh-machine"  # nothing on disk: the checkpoint at the end of stage 1 and the path come down
+    args = _cmd(teacher, out, "--hub_model_id", "user/ddp-run", "--hub_token", "hf_test")[2:]
+    proc = _launch(args + ["--resume_from_checkpoint", f"hub:{commits['Checkpoint checkpoint-4']}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "verified against its manifest" in proc.stderr
+    _assert_same_run(out, ddp_reference)
+
+
+def test_hub_pushes_and_a_failed_push_does_not_stop_training(teacher, uninterrupted, tmp_path, hub_server):
     from huggingface_hub import list_repo_files
 
     out = tmp_path / "hub"
-    # the first push (checkpoint-4, the 2nd checkpoint) is refused for good; the others must still happen
-    hub_server.fail_next("commit", times=1, status=403)
+    # the first pushes (the path so far and checkpoint-4, the 2nd checkpoint) are refused for good; the others must
+    # still happen
+    hub_server.fail_next("commit", times=2, status=403)
     proc = _run(
         _cmd(teacher, out, "--push_to_hub", "--hub_model_id", "user/disback-run", "--hub_token", "hf_test")
         + ["--hub_push_every", "2", "--checkpoints_total_limit", "1", "--hub_space_id", "user/disback-run-app"]
@@ -195,34 +313,65 @@ def test_hub_pushes_and_a_failed_push_does_not_stop_training(teacher, tmp_path, 
     space = set(list_repo_files("user/disback-run-app", repo_type="space"))  # the app of the pushed model
     assert {"app.py", "requirements.txt", "README.md"} <= space
 
-
-def _launch_fsdp2(args):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           os.path.join(ROOT, "tests", "fsdp2_cpu_harness.py"), *args]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-
-
-def test_fsdp2_with_gradient_checkpointing_and_sharded_resume(teacher, tmp_path):
-    out = tmp_path / "fsdp2"
-    args = _cmd(teacher, out, "--gradient_checkpointing")[2:]
-    proc = _launch_fsdp2(args)
+    # a fresh machine resumes from the newest pushed checkpoint (checkpoint-8) and the pushed path
+    fresh = tmp_path / "fresh-machine"
+    proc = _run(_cmd(teacher, fresh, "--hub_model_id", "user/disback-run", "--resume_from_checkpoint", "hub"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from checkpoint-8 of user/disback-run@" in proc.stderr
+    assert sorted(d.name for d in (fresh / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-8"]
+    expected, got = _final_unet(uninterrupted[0]), _final_unet(fresh)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0, msg=k)
+    assert DegradationPath.load(fresh / "path").nodes == DegradationPath.load(uninterrupted[0] / "path").nodes
+
+
+@pytest.fixture(scope="module")
+def fsdp2_reference(teacher, tmp_path_factory, hub_server):
+    """An uninterrupted FSDP2 run with gradient checkpointing, pushing every checkpoint to user/fsdp2-run."""
+    out = tmp_path_factory.mktemp("fsdp2")
+    proc = _launch_fsdp2(_cmd(teacher, out, "--gradient_checkpointing", *HUB, "--hub_model_id", "user/fsdp2-run")[2:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_fsdp2_with_gradient_checkpointing_and_sharded_resume(teacher, fsdp2_reference, tmp_path):
+    out = fsdp2_reference
     ckpt = out / "checkpoints" / "checkpoint-8"
     assert (ckpt / "pytorch_model_fsdp_0").is_dir() and (ckpt / "optimizer_1").is_dir()  # sharded, optimizers kept
+    files = json.loads((ckpt / "checkpoint_manifest.json").read_text())["files"]
+    assert any(f.startswith("pytorch_model_fsdp_0/") and f.endswith(".distcp") for f in files)  # every shard listed
     assert len(DegradationPath.load(out / "path")) == 3  # nodes gathered to full state dicts
-    expected = _final_unet(out)
 
     # resume mid stage 2 from the sharded checkpoint: the same final weights
     again = tmp_path / "again"
     shutil.copytree(out, again, ignore=shutil.ignore_patterns("checkpoint-10", "final"))
     proc = _launch_fsdp2(_cmd(teacher, again, "--gradient_checkpointing", "--resume_from_checkpoint", "latest")[2:])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = _final_unet(again)
-    for k in expected:
-        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0, msg=k)
+    _assert_same_run(again, out)
     assert DisBackPipeline.from_pretrained(again / "final").unet.config.sample_size == 8
+
+
+def test_fsdp2_resumes_bit_identically_after_kills_and_from_the_hub(teacher, fsdp2_reference, tmp_path):
+    from huggingface_hub import list_repo_commits
+
+    out = tmp_path / "killed"
+    args = _cmd(teacher, out, "--gradient_checkpointing")[2:]
+    failpoints = [
+        "path_node:2:1",  # rank 1 dies while rank 0 writes node 2 (stage 1, after checkpoint-2)
+        "checkpoint:2",  # every rank dies inside the checkpoint-6 write (stage 2; resumed from checkpoint-2)
+    ]
+    _kill_chain(_launch_fsdp2, args, out, failpoints)
+    _assert_same_run(out, fsdp2_reference)
+
+    # a fresh machine: the sharded checkpoint-6 and the path from the Hub, nothing local
+    commits = {c.title: c.commit_id for c in list_repo_commits("user/fsdp2-run")}
+    fresh = tmp_path / "fresh-machine"
+    args = _cmd(teacher, fresh, "--gradient_checkpointing", "--hub_model_id", "user/fsdp2-run")[2:]
+    proc = _launch_fsdp2(
+        args + ["--hub_token", "hf_test", "--resume_from_checkpoint", "hub:" + commits["Checkpoint checkpoint-6"]]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_run(fresh, fsdp2_reference)
 
 
 def adapter_dtypes(state: dict) -> dict:

@@ -468,3 +468,104 @@ def types_namespace(**kwargs):
     import types
 
     return types.SimpleNamespace(**kwargs)
+
+
+def test_a_checkpoint_counts_only_as_written_and_every_rank_is_in_it(tmp_path):
+    from safetensors.torch import save_file
+
+    from diffusers_disback.training.state import (
+        DamagedCheckpointError,
+        newest_good_checkpoint,
+        verify_checkpoint,
+        write_manifest,
+    )
+
+    def checkpoint(step, ranks=2):
+        folder = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        (folder / "pytorch_model_fsdp_0").mkdir(parents=True)
+        (folder / "run_state.json").write_text("{}")
+        (folder / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"shard 0")
+        (folder / "pytorch_model_fsdp_0" / "__1_0.distcp").write_bytes(b"shard 1")
+        for rank in range(ranks):
+            (folder / f"data_{rank}.json").write_text("{}")
+            (folder / f"random_states_{rank}.pkl").write_bytes(b"")
+            save_file({"noise_rng": torch.Generator().get_state()}, str(folder / f"noise_rng_{rank}.safetensors"))
+        return folder
+
+    with pytest.raises(DamagedCheckpointError, match="lacks random_states_1.pkl, data_1.json, noise_rng_1"):
+        write_manifest(str(checkpoint(2, ranks=1)), world_size=2)  # rank 1's part never arrived
+    good = checkpoint(4)
+    manifest = write_manifest(str(good), world_size=2)
+    assert set(manifest["files"]) >= {"pytorch_model_fsdp_0/__1_0.distcp", "run_state.json", "data_1.json"}
+    assert verify_checkpoint(str(good)) is True
+    newest = checkpoint(6)
+    write_manifest(str(newest), world_size=2)
+    (newest / "pytorch_model_fsdp_0" / "__1_0.distcp").unlink()  # a shard lost
+    with pytest.raises(DamagedCheckpointError, match=r"checkpoint-6: pytorch_model_fsdp_0/__1_0.distcp is missing"):
+        verify_checkpoint(str(newest))
+    # checkpoint-2 has no manifest (its write never finished, or an older version wrote it); 6 is damaged: 4 it is
+    assert newest_good_checkpoint(str(tmp_path)) == str(good)
+    (good / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"shard X")  # same size, other bytes
+    with pytest.raises(DamagedCheckpointError, match="sha256 mismatch"):
+        verify_checkpoint(str(good))
+    assert verify_checkpoint(str(good), hashes=False) is True  # sizes alone cannot tell
+
+
+def test_the_pickle_check_passes_real_states_and_refuses_code(tmp_path):
+    import pickle
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from diffusers_disback.training.state import DamagedCheckpointError, check_pickles
+
+    model = torch.nn.Linear(3, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=str(tmp_path / "sharded"))
+    torch.save(opt.state_dict(), tmp_path / "optimizer.bin")
+    import random
+
+    import numpy as np
+
+    state = {
+        "random_state": random.getstate(),
+        "numpy_random_seed": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    torch.save(state, tmp_path / "random_states_0.pkl")  # as accelerate writes them
+    check_pickles(str(tmp_path))  # torch.distributed.checkpoint's .metadata, an optimizer, RNG states: all fine
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "sharded" / ".metadata").write_bytes(pickle.dumps(Payload()))  # torch reads this with pickle.load
+    with pytest.raises(DamagedCheckpointError, match=r"sharded/.metadata holds a pickle that would call posix.system"):
+        check_pickles(str(tmp_path))
+    assert not marker.exists()
+
+
+def test_failpoints_fire_on_their_hit_and_rank_only(monkeypatch):
+    from diffusers_disback import _io
+
+    killed = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append(sig))
+    monkeypatch.setattr(_io, "_failpoint_hits", {})
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv(_io.FAILPOINT_ENV, "checkpoint:2:0+1:stop")
+    _io.failpoint("iteration")
+    _io.failpoint("checkpoint")
+    assert killed == []
+    _io.failpoint("checkpoint")  # the 2nd time, on a listed rank
+    import signal
+
+    assert killed == [signal.SIGSTOP]
+    monkeypatch.setenv(_io.FAILPOINT_ENV, "iteration:1:0")
+    _io.failpoint("iteration")  # rank 1 is not listed
+    assert killed == [signal.SIGSTOP]

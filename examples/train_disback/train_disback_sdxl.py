@@ -25,18 +25,28 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    broadcast_object_list,
+    set_seed,
+)
 from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
+from diffusers_disback._io import failpoint
 from diffusers_disback.distill import (
     FAKE_SCORE_ADAPTER,
     GENERATOR_ADAPTER,
@@ -77,6 +87,7 @@ from diffusers_disback.training import (
     ResumePlan,
     RunState,
     SDXLGanTerm,
+    checkpoint_dirs,
     clip_grad_norm,
     finite_or_skip,
     full_state_dict,
@@ -86,7 +97,15 @@ from diffusers_disback.training import (
     restore_checkpoint,
     save_checkpoint,
 )
+from diffusers_disback.training.faults import (
+    RankWatch,
+    download_hub_checkpoint,
+    hub_checkpoints,
+    is_collective_failure,
+    parse_hub_resume,
+)
 from diffusers_disback.training.path_profile import PROFILE_PLOT, PathProfiler, write_profile
+from diffusers_disback.training.state import DamagedCheckpointError, newest_good_checkpoint, verify_checkpoint
 
 logger = get_logger(__name__)
 # the generator's LR schedule steps every stage-2 iteration, as the reference's does; torch warns when a schedule
@@ -195,7 +214,19 @@ def parse_args(argv=None, family: str = "sdxl") -> argparse.Namespace:
     # checkpoints, logging, validation
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, default=None)
-    p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    p.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="'latest' (the newest checkpoint of --output_dir that matches its manifest; damaged ones are named and "
+        "skipped), a checkpoint folder, or 'hub' / 'hub:REVISION' (the newest complete checkpoint pushed to "
+        "--hub_model_id, with its path, downloaded into --output_dir and verified; docs/training.md, 'Faults')",
+    )
+    p.add_argument(
+        "--ddp_timeout",
+        type=int,
+        default=1800,
+        help="seconds a collective waits for the other ranks before the run ends, naming the lost rank",
+    )
     p.add_argument("--report_to", default="tensorboard", help="tensorboard | wandb | all | none")
     p.add_argument("--logging_dir", default="logs")
     p.add_argument("--validation_steps", type=int, default=500)
@@ -329,6 +360,7 @@ def make_accelerator(args) -> Accelerator:
     # on a shared base the generator's and the fake score's adapters are one model with an update each: under DDP
     # each backward leaves the other adapter's parameters unused
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if shares_base(args) else []
+    handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout)))
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision, log_with=report_to, project_config=project, kwargs_handlers=handlers
     )
@@ -511,7 +543,9 @@ class Run:
             finite=lambda name, loss: finite_or_skip(acc, loss, name, self.args.nan_policy, self.state.global_step),
         )
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, with_path: bool = False) -> None:
+        """Saves a checkpoint and pushes every `--hub_push_every`-th one; `with_path` (stage 1): the path recorded so
+        far is pushed first, so a run resumed from the Hub finds the nodes its checkpoint expects."""
         args = self.args
         final = save_checkpoint(
             self.accelerator, args.output_dir, self.state, self.batches.rng, self.batches.streams,
@@ -521,6 +555,8 @@ class Run:
             self.checkpoint_count += 1
             if self.pusher and args.hub_push_every and self.checkpoint_count % args.hub_push_every == 0:
                 name = os.path.basename(final)
+                if with_path and os.path.isdir(args.path_dir):
+                    self.pusher.submit(args.path_dir, path_in_repo="path", commit_message=f"Path up to {name}")
                 self.pusher.submit(final, path_in_repo=f"checkpoints/{name}", commit_message=f"Checkpoint {name}")
         logger.info(f"saved {final}")
 
@@ -765,7 +801,15 @@ def open_path(run: Run, plan: ResumePlan, lora) -> tuple[DegradationPath | None,
     has_path = os.path.exists(os.path.join(args.path_dir, "path_manifest.json"))
     acc.wait_for_everyone()  # every rank looks before the main process creates the path
     resumed = plan.resumes("degradation")
-    if has_path and not resumed:  # checked on every rank (shared output dir), so no rank is left waiting
+    # a resumed run killed before its first checkpoint left nodes in its own path folder: they are recorded again
+    restart = (
+        has_path
+        and not resumed
+        and args.resume_from_checkpoint is not None
+        and not checkpoint_dirs(args.output_dir)
+        and os.path.abspath(args.path_dir).startswith(os.path.abspath(args.output_dir) + os.sep)
+    )
+    if has_path and not resumed and not restart:  # checked on every rank (shared output dir): no rank left waiting
         raise FileExistsError(
             f"{args.path_dir} already holds a path and there is no checkpoint to resume from "
             f"({os.path.join(args.output_dir, 'checkpoints')}); pass --resume_from_checkpoint latest, another "
@@ -776,13 +820,16 @@ def open_path(run: Run, plan: ResumePlan, lora) -> tuple[DegradationPath | None,
     by_distance = run.config.path_node_spacing == "distance"
     candidates_dir = os.path.join(args.path_dir, CANDIDATES)
     if has_path:
+        after = 0 if restart else plan.path_truncation
+        if restart:
+            logger.warning(f"no checkpoint yet: the nodes in {args.path_dir} are dropped and recorded again")
         path = DegradationPath.load(args.path_dir)
         if not by_distance:
-            path.truncate(plan.path_truncation)  # nodes after the checkpoint are recorded again
+            path.truncate(after)  # nodes after the checkpoint are recorded again
             return path, None
         path.truncate(0)  # chosen from the candidates again at the end
         candidates = DegradationPath.load(candidates_dir)
-        candidates.truncate(plan.path_truncation)
+        candidates.truncate(after)
         return path, candidates
     if resumed:
         raise FileNotFoundError(
@@ -824,6 +871,8 @@ def add_path_node(run: Run, path: DegradationPath | None, degrading, step: int, 
         what = "candidate" if os.path.basename(path.directory) == CANDIDATES else "path node"
         at = f", distance to the teacher {distance:.4f}" if distance is not None else ""
         logger.info(f"{what} {node.index} at stage-1 step {step} ({node.num_bytes / 2**20:.1f} MiB{at})")
+    else:
+        failpoint("path_node")  # while the main process writes the node
     run.accelerator.wait_for_everyone()
 
 
@@ -879,6 +928,7 @@ def run_degradation(run: Run, plan: ResumePlan) -> None:
     for _ in (progress := progress_bar(run, config.degradation_steps, "stage 1: degradation")):
         lr = lr_scheduler.get_last_lr()[0]  # the LR of this update
         logs = step_fn(run.batches())
+        failpoint("iteration")  # an update made, the step not counted: a resume redoes it
         lr_scheduler.step()  # the LR is a function of the iteration, skipped updates included
         run.state.stage_step += 1
         run.state.global_step += 1
@@ -895,7 +945,7 @@ def run_degradation(run: Run, plan: ResumePlan) -> None:
         if step % args.checkpointing_steps == 0 or step == config.degradation_steps:
             if step == config.degradation_steps:
                 run.state.stage, run.state.stage_step = "backtracking", 0
-            run.save_checkpoint()
+            run.save_checkpoint(with_path=True)
     run.report_peak_memory("stage 1")
     del degrading, module, optimizer
     acc.free_memory()
@@ -1043,6 +1093,7 @@ def run_backtracking(run: Run, plan: ResumePlan) -> tuple[torch.nn.Module, Degra
     for _ in (progress := progress_bar(run, config.max_train_steps, "stage 2: backtracking")):
         lr = sched_g.get_last_lr()[0]  # the LR of this iteration's generator update, if it has one
         logs = step_fn(run.state.stage_step, run.batches())
+        failpoint("iteration")
         if "generator_loss" in logs:
             logs["lr"] = lr
         sched_g.step()
@@ -1197,18 +1248,72 @@ def card_path_profile(path: DegradationPath, final: str) -> None:
 # ------------------------------------------------------------------------------------------------------------ main
 
 
+def resume_folder(args, accelerator) -> str | None:
+    """
+    `--resume_from_checkpoint` as the folder every rank opens, chosen (and hashed) once by the main process:
+    `latest` is the newest local checkpoint that matches its manifest, `hub[:REVISION]` the newest pushed one unless
+    the output folder holds one at least as new (downloaded with the path and verified), a folder is verified as it
+    is. A choice that cannot be made stops every rank with one line (docs/training.md, "Faults").
+    """
+    value, chosen = args.resume_from_checkpoint, [None, None]  # the folder, or the reason there is none
+    if value is None:
+        return None
+    if accelerator.is_main_process:
+        try:
+            revision = parse_hub_resume(value)
+            if revision is not None:
+                if not args.hub_model_id:
+                    raise ValueError("--resume_from_checkpoint hub needs --hub_model_id: the repo the run pushed to")
+                local = newest_good_checkpoint(args.output_dir)
+                _, pushed = hub_checkpoints(args.hub_model_id, revision, args.hub_token)
+                newest_pushed = int(pushed[0].split("-")[1]) if pushed else -1
+                if local is not None and int(os.path.basename(local).split("-")[1]) >= newest_pushed:
+                    chosen[0] = local
+                else:
+                    chosen[0] = download_hub_checkpoint(
+                        args.hub_model_id, revision, args.output_dir, args.path_dir, args.hub_token
+                    )
+            elif value == "latest":
+                chosen[0] = newest_good_checkpoint(args.output_dir)
+            else:
+                if not verify_checkpoint(value):
+                    logger.warning(f"{value} has no manifest (written by an older version): resuming it unverified")
+                chosen[0] = value
+        except (DamagedCheckpointError, FileNotFoundError, ValueError, OSError) as e:
+            chosen[1] = str(e)
+    if accelerator.num_processes > 1:
+        chosen = broadcast_object_list(chosen)
+    if chosen[1]:
+        raise SystemExit(f"cannot resume ({value}): {chosen[1]}")
+    return chosen[0]
+
+
 def main(argv=None, family: str = "sdxl"):
     args = parse_args(argv, family)  # 1. arguments
     accelerator = make_accelerator(args)  # 2. accelerator
+    watch = RankWatch(accelerator, args.output_dir)  # a lost rank ends the job in one line
     run = make_run(args, accelerator)  # 3. frozen models, 4. data
     try:
-        plan = plan_resume(args.resume_from_checkpoint, args.output_dir, args.stage)  # 5. resume plan
+        checkpoint = resume_folder(args, accelerator)
+        plan = plan_resume(checkpoint, args.output_dir, args.stage)  # 5. resume plan
         if "degradation" in plan.stages and MethodPlan.uses_path(args.config.method):
             run_degradation(run, plan)  # 6. stage 1
         if "backtracking" in plan.stages:
             generator, path = run_backtracking(run, plan)  # 7. stage 2
             save_final(run, generator, path)  # 8. save and push
+    except DamagedCheckpointError as e:  # a pickle that would run code: one line, on every rank
+        raise SystemExit(f"cannot resume: {e}") from None
+    except Exception as e:
+        if accelerator.num_processes > 1 and is_collective_failure(e):
+            where = f"at global step {run.state.global_step} ({run.state.stage})"
+            sys.stderr.write(watch.report(e, where) + "\n")
+            sys.stderr.flush()
+            if run.pusher is not None:  # what was queued still goes up
+                run.pusher.close()
+            os._exit(1)  # no stack of gloo/NCCL traces, no collective in the clean-up that would wait again
+        raise
     finally:
+        watch.close()
         run.finish()
 
 

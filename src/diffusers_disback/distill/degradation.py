@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
-from .._io import atomic_write, atomic_write_text
+from .._io import atomic_write, atomic_write_text, failpoint
 from .lora import LORA_ADAPTER, SharedBase, merge_lora
 
 MANIFEST_NAME = "path_manifest.json"
@@ -131,6 +131,7 @@ class DegradationPath:
         file = f"node_{index:03d}.safetensors"
         target = os.path.join(self.directory, file)
         atomic_write(target, lambda tmp: save_file(state, tmp))  # no metadata: its order differs per process
+        failpoint("path_node")  # a node file the manifest does not list yet: written again on resume
         node = PathNode(index, int(step), self.kind, file, _sha256(target), os.path.getsize(target), distance)
         self.nodes.append(node)
         self._write_manifest()
