@@ -182,8 +182,11 @@ def main(argv=None):
             "# kill -9 at random moments (benchmarks/kill_tally.py)\n\n"
             f"`python benchmarks/kill_tally.py --modes {' '.join(args.modes)} --kills {args.kills} --seed {args.seed}`"
             " on the 2-core CPU box. Each run is killed and resumed until it finishes; then its final UNet and path "
-            "nodes are compared with the uninterrupted run's.\n\n" + table + "\n\n```json\n"
-            + json.dumps(tallies, indent=1) + "\n```\n"
+            "nodes are compared with the uninterrupted run's.\n\n"
+            + table
+            + "\n\n```json\n"
+            + json.dumps(tallies, indent=1)
+            + "\n```\n"
         )
     return tallies
 
