@@ -13,7 +13,6 @@ benchmarks/results/kill_tally.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -154,6 +153,31 @@ def run_mode(mode: str, teacher: str, kills: int, work: str, rng: random.Random,
     return tally
 
 
+def write_results(tallies: list[dict], modes, kills: int, seed: int, results: str) -> str:
+    """The tally as the `summary` section of `results` (and docs/benchmarks.md, "Faults"); returns the table."""
+    from common import write_section
+
+    head = "| mode | kills | of one rank | in a checkpoint write | in a path-node write | runs | bit-identical runs |"
+    rows = [head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for t in tallies:
+        rows.append(
+            f"| {t['mode']} | {t['kills']} | {t['one_rank']} | {t['in_checkpoint_write']} | {t['in_path_write']} | "
+            f"{t['runs']} | {t['identical']} of {t['runs']} |"
+        )
+    table = "\n".join(rows)
+    seconds = ", ".join(f"{t['mode']} {t['reference_seconds']} s" for t in tallies)
+    text = (
+        f"`python benchmarks/kill_tally.py --modes {' '.join(modes)} --kills {kills} --seed {seed}` on the 2-core CPU "
+        "box: each run is killed (SIGKILL) and resumed with `--resume_from_checkpoint latest` until it finishes, then "
+        "its final UNet and every path node are compared with the uninterrupted run's, bit for bit. A kill counts as "
+        "in a write when a `checkpoint-N.tmp` folder or a node's temporary file existed at that moment. Uninterrupted "
+        f"tiny runs: {seconds}.\n\n" + table
+    )
+    write_section("summary", text, results, "# kill -9 at random moments, and resume")
+    print(table)
+    return table
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--modes", nargs="+", default=["single", "ddp", "fsdp2"], choices=["single", "ddp", "fsdp2"])
@@ -168,26 +192,7 @@ def main(argv=None):
     teacher = save_tiny_teacher(os.path.join(work, "tiny-sdxl"))
     rng = random.Random(args.seed)
     tallies = [run_mode(m, teacher, args.kills, work, rng, lambda s: print(s, flush=True)) for m in args.modes]
-    head = "| mode | kills | of one rank | in a checkpoint write | in a path-node write | runs | bit-identical | uninterrupted run (s) |"
-    rows = [head, "| --- " * 8 + "|"]
-    for t in tallies:
-        rows.append(
-            f"| {t['mode']} | {t['kills']} | {t['one_rank']} | {t['in_checkpoint_write']} | {t['in_path_write']} | "
-            f"{t['runs']} | {t['identical']} of {t['runs']} | {t['reference_seconds']} |"
-        )
-    table = "\n".join(rows)
-    print(table)
-    with open(args.results, "w", encoding="utf-8") as f:
-        f.write(
-            "# kill -9 at random moments (benchmarks/kill_tally.py)\n\n"
-            f"`python benchmarks/kill_tally.py --modes {' '.join(args.modes)} --kills {args.kills} --seed {args.seed}`"
-            " on the 2-core CPU box. Each run is killed and resumed until it finishes; then its final UNet and path "
-            "nodes are compared with the uninterrupted run's.\n\n"
-            + table
-            + "\n\n```json\n"
-            + json.dumps(tallies, indent=1)
-            + "\n```\n"
-        )
+    write_results(tallies, args.modes, args.kills, args.seed, args.results)
     return tallies
 
 

@@ -254,6 +254,7 @@ def test_ddp_resumes_bit_identically_after_kills_of_one_rank_or_all(teacher, ddp
         "checkpoint:1",  # every rank dies inside the checkpoint-4 write (the end of stage 1)
         "iteration:3:0",  # rank 0 dies in stage-2 iteration 1 (resumed from checkpoint-2: 2 stage-1 steps first)
         "checkpoint:2",  # every rank dies inside the checkpoint-8 write (resumed from checkpoint-4)
+        "checkpoint:2:1",  # rank 1 dies inside the last checkpoint's (checkpoint-10) write (resumed from checkpoint-6)
     ]
     proc = _kill_chain(
         lambda a, failpoint=None: _launch(a, failpoint=failpoint), _cmd(teacher, out)[2:], out, failpoints
@@ -357,6 +358,7 @@ def test_fsdp2_resumes_bit_identically_after_kills_and_from_the_hub(teacher, fsd
     out = tmp_path / "killed"
     args = _cmd(teacher, out, "--gradient_checkpointing")[2:]
     failpoints = [
+        "iteration:2",  # every rank dies in stage-1 step 2, before any checkpoint: stage 1 starts again
         "path_node:2:1",  # rank 1 dies while rank 0 writes node 2 (stage 1, after checkpoint-2)
         "checkpoint:2",  # every rank dies inside the checkpoint-6 write (stage 2; resumed from checkpoint-2)
     ]

@@ -27,6 +27,7 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 
 import torch
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
 from .._io import failpoint
@@ -93,21 +94,32 @@ def rank_files(world_size: int) -> list[str]:
     return [name.format(rank) for rank in range(world_size) for name in names]
 
 
-def write_manifest(folder: str, world_size: int) -> dict:
+def hash_share(folder: str, rank: int = 0, world_size: int = 1) -> dict[str, dict]:
+    """This rank's share of a checkpoint's files (every `world_size`-th, from `rank`), each flushed to disk and
+    hashed: `{relative path: {"size", "sha256"}}`."""
+    share = {}
+    for rel in _files_of(folder)[rank::world_size]:
+        path = os.path.join(folder, rel)
+        share[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path, flush=True)}
+    return share
+
+
+def write_manifest(folder: str, world_size: int, digests: dict[str, dict] | None = None) -> dict:
     """
-    The main process, once every rank has written its part: checks that each rank's files are there, flushes every
-    file to disk and records its size and sha256 in `checkpoint_manifest.json`, written last (atomically).
+    The main process, once every rank has written its part: checks that each rank's files are there and records
+    every file's size and sha256 (`digests`, from [`hash_share`] on each rank; hashed here if None) in
+    `checkpoint_manifest.json`, written last (atomically).
     """
     from .._io import atomic_write_text
 
     missing = [f for f in rank_files(world_size) if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise DamagedCheckpointError(f"{folder} lacks {', '.join(missing)}: a rank's part was not written")
-    files = {}
-    for rel in _files_of(folder):
-        path = os.path.join(folder, rel)
-        files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path, flush=True)}
-    manifest = {"format": 1, "world_size": world_size, "files": files}
+    files = dict(digests) if digests is not None else hash_share(folder)
+    unhashed = sorted(set(_files_of(folder)) - set(files))
+    if unhashed:
+        raise DamagedCheckpointError(f"{folder}: {', '.join(unhashed)} appeared after the ranks hashed the folder")
+    manifest = {"format": 1, "world_size": world_size, "files": dict(sorted(files.items()))}
     atomic_write_text(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=1))
     return manifest
 
@@ -376,12 +388,16 @@ def save_checkpoint(
             f"is {good[-1] if good else 'none (nothing was saved yet)'}: free space and resume with "
             "--resume_from_checkpoint latest."
         ) from error
-    failpoint("checkpoint")  # this rank's part written, the checkpoint not complete
-    acc.wait_for_everyone()
     if acc.is_main_process:
         with open(os.path.join(tmp, RUN_STATE), "w") as f:
             json.dump(state.state_dict(), f, indent=2)
-        write_manifest(tmp, acc.num_processes)  # last: a folder with a manifest holds every rank's part
+    failpoint("checkpoint")  # this rank's part written, the checkpoint not complete
+    acc.wait_for_everyone()
+    digests = {}  # every rank flushes and hashes a share of the files: the manifest costs 1/world of the hashing
+    for share in gather_object([hash_share(tmp, acc.process_index, acc.num_processes)]):
+        digests.update(share)
+    if acc.is_main_process:
+        write_manifest(tmp, acc.num_processes, digests)  # last: a folder with a manifest holds every rank's part
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
