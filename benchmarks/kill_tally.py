@@ -25,13 +25,19 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "train_disback", "train_disback_sdxl.py")
 HARNESS = os.path.join(ROOT, "tests", "fsdp2_cpu_harness.py")
-PROMPTS = os.path.join(ROOT, "examples", "train_disback", "data", "demo_prompts.txt")
-TINY = [
-    "--resolution", "64", "--degradation_steps", "4", "--path_interval", "2", "--max_train_steps", "6",
-    "--fake_score_update_ratio", "2", "--backtrack_interval", "2", "--checkpointing_steps", "2",
-    "--validation_steps", "3", "--learning_rate", "1e-4", "--lr_warmup_steps", "4", "--conditioning_timestep", "499",
-    "--train_batch_size", "2", "--train_data_files", PROMPTS, "--shuffle_buffer", "4",
-]  # fmt: skip
+
+
+def _tiny_run_args() -> list[str]:
+    """The tiny run of tests/test_train.py (its `TINY` flags): the run the fixed-moment kill tests use."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("test_train", os.path.join(ROOT, "tests", "test_train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return list(module.TINY)
+
+
+TINY = _tiny_run_args()
 
 
 def command(mode: str, teacher: str, out: str, resume: bool) -> list[str]:
