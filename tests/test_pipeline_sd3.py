@@ -228,6 +228,38 @@ def test_three_loading_routes_give_identical_images(saved):
     np.testing.assert_array_equal(b4, ours("a cat", num_inference_steps=4, output_type="np", **CALL).images)
 
 
+def test_the_folder_records_the_t5_length_the_generator_was_trained_with(tmp_path, caplog):
+    """A generator trained with L T5 tokens (the training script records its `--max_sequence_length`) samples with L
+    by default after a save and reload; stock diffusers loads the folder without a word about the private key, and
+    the card's plain-diffusers snippets pass L."""
+    import logging
+
+    from diffusers_disback.evaluation import load_pipeline
+    from diffusers_disback.pipeline_disback_sd3 import MAX_SEQUENCE_LENGTH_KEY
+
+    pipe = _quiet(DisBackSD3Pipeline(**{**get_sd3_components(), "scheduler": disback_flow_scheduler()}))
+    assert pipe.default_max_sequence_length == 256  # diffusers' default until one is recorded
+    pipe.default_max_sequence_length = 8
+    expected = pipe("a cat", generator=_gen(), output_type="np", height=64, width=64).images
+    explicit = pipe("a cat", generator=_gen(), output_type="np", height=64, width=64, max_sequence_length=8).images
+    longer = pipe("a cat", generator=_gen(), output_type="np", height=64, width=64, max_sequence_length=32).images
+    np.testing.assert_array_equal(expected, explicit)
+    assert np.abs(expected - longer).max() > 1e-3  # the length changes the image: recording it matters
+    save_for_hub(pipe, tmp_path / "repo", "me/sd3-seq8")
+    assert json.loads((tmp_path / "repo" / "model_index.json").read_text())[MAX_SEQUENCE_LENGTH_KEY] == 8
+    for loaded in (DisBackSD3Pipeline.from_pretrained(tmp_path / "repo"), load_pipeline(str(tmp_path / "repo"))):
+        assert loaded.default_max_sequence_length == 8
+        image = _quiet(loaded)("a cat", generator=_gen(), output_type="np", height=64, width=64).images
+        assert np.abs(image - expected).max() <= ROUND_TRIP_ATOL
+    with caplog.at_level(logging.WARNING):
+        StableDiffusion3Pipeline.from_pretrained(tmp_path / "repo", text_encoder_3=None, tokenizer_3=None)
+    assert "max_sequence_length" not in caplog.text
+    card = (tmp_path / "repo" / "README.md").read_text()
+    assert card.count("max_sequence_length=8") == 3  # routes 2 and 3 (one and four steps)
+    with pytest.raises(ValueError, match="positive integer"):
+        pipe.default_max_sequence_length = 0
+
+
 def test_from_pretrained_swaps_a_teachers_scheduler(tmp_path):
     save_tiny_sd3_teacher(str(tmp_path))
     assert json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())["shift"] == 3.0

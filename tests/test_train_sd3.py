@@ -108,8 +108,9 @@ def test_final_pipeline_is_the_generator_in_one_step(teacher, full_run):
     out, _ = full_run
     pipe = DisBackSD3Pipeline.from_pretrained(out / "final")
     pipe.set_progress_bar_config(disable=True)
+    assert pipe.default_max_sequence_length == 16  # the run's --max_sequence_length, recorded in the folder
     z = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
-    image = pipe("a cat", latents=z, output_type="pt", max_sequence_length=16).images
+    image = pipe("a cat", latents=z, output_type="pt").images  # the recorded length, not diffusers' 256
     frozen = FrozenSD3.from_pretrained(teacher, 64, DisBackConfig(), max_sequence_length=16)
     cond = frozen.conditioner(["a cat"], "cpu")
     x0 = one_step_sample(transformer_flow_fn(pipe.transformer), z, cond, frozen.noise_schedule, 1.0)
@@ -189,12 +190,13 @@ def test_cli_generates_and_evaluates_an_sd3_folder(teacher, full_run, tmp_path):
 
     out, _ = full_run
     png = tmp_path / "cat.png"
-    assert main(["generate", str(out / "final"), "a cat", "--output", str(png), "--max-sequence-length", "16",
-                 "--device", "cpu"]) == 0  # fmt: skip
+    # no --max-sequence-length: the folder's recorded 16 T5 tokens
+    assert main(["generate", str(out / "final"), "a cat", "--output", str(png), "--device", "cpu"]) == 0
     pipe = DisBackSD3Pipeline.from_pretrained(out / "final")
     expected = pipe("a cat", generator=torch.Generator().manual_seed(0), max_sequence_length=16).images[0]
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(expected))
     assert type(load_pipeline(str(out / "final"))).__name__ == "DisBackSD3Pipeline"
+    assert load_pipeline(str(out / "final")).default_max_sequence_length == 16
     assert type(load_pipeline(teacher)).__name__ == "StableDiffusion3Pipeline"  # a teacher: stock, without T5
     assert main(["evaluate", str(out / "final"), "--protocol", "shapes", "--output", str(tmp_path / "eval"),
                  "--max-sequence-length", "16", "--device", "cpu"]) == 0  # fmt: skip

@@ -339,7 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cuda" if _cuda() else "cpu")
     g.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: as saved)")
     g.add_argument(
-        "--max-sequence-length", type=int, default=None, help="SD3: T5 tokens (default: the pipeline's 256)"
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        help="SD3: T5 tokens (default: the length the folder records, else 256)",
     )
     g.set_defaults(func=_generate)
 
@@ -446,7 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None, help="default: the accelerate process's device")
     e.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: as saved)")
     e.add_argument(
-        "--max-sequence-length", type=int, default=None, help="SD3: T5 tokens (default: the pipeline's 256)"
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        help="SD3: T5 tokens (default: the length the folder records, else 256)",
     )
     e.add_argument("--revision", default=None)
     e.add_argument("--variant", default=None, help="weights variant, e.g. fp16")

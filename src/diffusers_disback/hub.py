@@ -102,13 +102,21 @@ class _Routes:
     kind: str  # "pipeline" | "unet"
     family: str = "sdxl"  # "sdxl" | "sd3"
     t5: bool = True  # an SD3 repo with T5 (`text_encoder_3`)
+    max_sequence_length: int | None = None  # an SD3 generator's T5 length, when not diffusers' 256
 
 
 def _usage_sd3(routes: _Routes) -> str:
     r = routes.repo_id
     no_t5 = "" if routes.t5 else ", text_encoder_3=None, tokenizer_3=None"
     note = "" if routes.t5 else "  # this repo has no T5"
-    return f"""All three give the same one-step image for the same seed.
+    seq, seq_note = "", ""
+    if routes.max_sequence_length not in (None, 256):
+        seq = f", max_sequence_length={routes.max_sequence_length}"
+        seq_note = (
+            f" The generator was trained with {routes.max_sequence_length} T5 tokens: `DisBackSD3Pipeline` reads that "
+            "from the repo, the plain-diffusers routes need `max_sequence_length` passed."
+        )
+    return f"""All three give the same one-step image for the same seed.{seq_note}
 
 ### 1. With `diffusers_disback` (`pip install diffusers_disback`)
 
@@ -130,7 +138,7 @@ from diffusers import DiffusionPipeline
 pipe = DiffusionPipeline.from_pretrained(
     "{r}", custom_pipeline="{r}", trust_remote_code=True, torch_dtype=torch.bfloat16
 ).to("cuda")
-image = pipe("a photo of an astronaut riding a horse on mars").images[0]  # DisBack defaults
+image = pipe("a photo of an astronaut riding a horse on mars"{seq}).images[0]  # DisBack defaults
 ```
 
 ### 3. Plain diffusers, no remote code
@@ -142,9 +150,9 @@ from diffusers import StableDiffusion3Pipeline
 pipe = StableDiffusion3Pipeline.from_pretrained(
     "{r}"{no_t5}, torch_dtype=torch.bfloat16
 ).to("cuda"){note}
-image = pipe("a photo of an astronaut riding a horse on mars", num_inference_steps=1, guidance_scale=0).images[0]
+image = pipe("a photo of an astronaut riding a horse on mars", num_inference_steps=1, guidance_scale=0{seq}).images[0]
 # four steps: the same sigmas, but the re-noising draws from torch's global RNG rather than from `generator`
-image = pipe("a photo of an astronaut riding a horse on mars", sigmas=[1.0, 0.75, 0.5, 0.25], guidance_scale=0).images[0]
+image = pipe("a photo of an astronaut riding a horse on mars", sigmas=[1.0, 0.75, 0.5, 0.25], guidance_scale=0{seq}).images[0]
 ```
 """
 
@@ -269,6 +277,7 @@ def make_model_card(
     samples_file: str | None = SAMPLES_FILE,
     family: str = "sdxl",
     t5: bool = True,
+    max_sequence_length: int | None = None,
 ) -> ModelCard:
     """
     The model card of a DisBack repo: Hub metadata (`library_name: diffusers`, `pipeline_tag: text-to-image`,
@@ -276,7 +285,8 @@ def make_model_card(
 
     `family="sd3"` writes the card of a `DisBackSD3Pipeline` repo (SD3 / SD3.5 teacher, tag `stable-diffusion-3`, the
     `StableDiffusion3Pipeline` routes; `t5=False` when the repo has no T5, so that the plain-diffusers route passes
-    `text_encoder_3=None, tokenizer_3=None`). `license=None` names the family's default ([`DEFAULT_LICENSES`]).
+    `text_encoder_3=None, tokenizer_3=None`; `max_sequence_length`, the generator's T5 length, is then passed in the
+    plain-diffusers snippets when it is not 256). `license=None` names the family's default ([`DEFAULT_LICENSES`]).
     """
     if kind not in ("pipeline", "unet"):
         raise ValueError(f"kind must be 'pipeline' or 'unet', got {kind!r}")
@@ -318,7 +328,7 @@ def make_model_card(
         "by **Distribution Backtracking** (DisBack, Zhang et al., ICLR 2025): distribution-matching distillation "
         "whose target walks back along the recorded degradation path from the initial generator to the teacher. "
         f"{sampling}\n\n"
-        f"## Usage\n\n{_usage(_Routes(repo_id, base_model, kind, family, t5))}\n"
+        f"## Usage\n\n{_usage(_Routes(repo_id, base_model, kind, family, t5, max_sequence_length))}\n"
         f"{_elsewhere(repo_id, base_model, kind) if family == 'sdxl' else ''}"
         f"{samples}"
         f"## Training\n\n{_training_table(training)}\n"
@@ -434,6 +444,7 @@ def _write_card(pipeline, folder, repo_id, base_model, kind, license, training, 
         sample_prompts=sample_prompts,
         family=family,
         t5=family != "sd3" or getattr(pipeline, "text_encoder_3", None) is not None,
+        max_sequence_length=getattr(pipeline, "default_max_sequence_length", None),
     )
     card.save(os.path.join(folder, "README.md"))
 

@@ -32,6 +32,12 @@ logger = logging.get_logger(__name__)
 # (after the last rung, `s_next = 0`: x0 itself).
 STUDENT_SCHEDULER_CONFIG = {"shift": 1.0, "use_dynamic_shifting": False, "stochastic_sampling": True}
 
+# The T5 tokens of the prompt embedding the generator was trained with, kept in `model_index.json` under a private
+# key (diffusers passes no `_` key to a pipeline's `__init__`, so stock loaders neither see nor warn about it). It
+# matters most without T5: the T5 half of the embedding is then `L` zero tokens, and the transformer attends to them.
+MAX_SEQUENCE_LENGTH_KEY = "_disback_max_sequence_length"
+DEFAULT_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline's
+
 EXAMPLE_DOC_STRING = """
     Examples:
         ```py
@@ -128,6 +134,33 @@ class DisBackSD3Pipeline(DisBackMixin, StableDiffusion3Pipeline):
     _optional_components = StableDiffusion3Pipeline._optional_components + ["text_encoder_3", "tokenizer_3"]
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        r"""
+        Loads as [`DiffusionPipeline.from_pretrained`], with the student's scheduler (unless `scheduler=` is passed)
+        and the T5 sequence length the generator was trained with, when the folder records one
+        ([`~DisBackSD3Pipeline.default_max_sequence_length`]).
+        """
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        hub = ("cache_dir", "revision", "token", "local_files_only", "proxies")
+        index = cls.load_config(pretrained_model_name_or_path, **{k: kwargs[k] for k in hub if k in kwargs})
+        if index.get(MAX_SEQUENCE_LENGTH_KEY) is not None:
+            pipe.default_max_sequence_length = index[MAX_SEQUENCE_LENGTH_KEY]
+        return pipe
+
+    @property
+    def default_max_sequence_length(self) -> int:
+        """The T5 tokens a call uses when it passes no `max_sequence_length`: the generator's training length if the
+        folder recorded it (the training script does), else diffusers' 256. Set it to record another; it is saved
+        with the pipeline."""
+        return self.config.get(MAX_SEQUENCE_LENGTH_KEY) or DEFAULT_MAX_SEQUENCE_LENGTH
+
+    @default_max_sequence_length.setter
+    def default_max_sequence_length(self, value: int) -> None:
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"`max_sequence_length` must be a positive integer, got {value!r}.")
+        self.register_to_config(**{MAX_SEQUENCE_LENGTH_KEY: int(value)})
+
+    @classmethod
     def _student_scheduler(cls, scheduler):
         # what `from_pretrained` samples with in place of the scheduler the folder names
         return scheduler if is_disback_flow_scheduler(scheduler) else disback_flow_scheduler(scheduler.config)
@@ -162,7 +195,7 @@ class DisBackSD3Pipeline(DisBackMixin, StableDiffusion3Pipeline):
         clip_skip: int | None = None,
         callback_on_step_end: Callable[[int, int], None] | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
-        max_sequence_length: int = 256,
+        max_sequence_length: int | None = None,
         skip_guidance_layers: list[int] | None = None,
         skip_layer_guidance_scale: float = 2.8,
         skip_layer_guidance_stop: float = 0.2,
@@ -190,10 +223,14 @@ class DisBackSD3Pipeline(DisBackMixin, StableDiffusion3Pipeline):
             num_images_per_prompt, latents, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
             negative_pooled_prompt_embeds, ip_adapter_image, ip_adapter_image_embeds, output_type, return_dict,
             joint_attention_kwargs, clip_skip, callback_on_step_end, callback_on_step_end_tensor_inputs,
-            max_sequence_length, skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_stop,
-            skip_layer_guidance_start, mu:
+            skip_guidance_layers, skip_layer_guidance_scale, skip_layer_guidance_stop, skip_layer_guidance_start, mu:
                 As in [`StableDiffusion3Pipeline.__call__`]. `height` and `width` must be divisible by
                 `8 * patch_size` (16 for SD3 / SD3.5); `callback_on_step_end_tensor_inputs` defaults to `["latents"]`.
+
+            max_sequence_length (`int`, *optional*):
+                T5 tokens of the prompt embedding; defaults to [`~DisBackSD3Pipeline.default_max_sequence_length`],
+                the length the generator was trained with when its folder records it, else 256. Stock
+                `StableDiffusion3Pipeline` does not read the recorded length: pass it there.
 
         Examples:
 
@@ -201,6 +238,8 @@ class DisBackSD3Pipeline(DisBackMixin, StableDiffusion3Pipeline):
             [`StableDiffusion3PipelineOutput`] or `tuple`: the images, as in [`StableDiffusion3Pipeline`].
         """
         sigmas = disback_flow_sigmas(num_inference_steps) if sigmas is None else _check_sigmas(sigmas)
+        if max_sequence_length is None:
+            max_sequence_length = self.default_max_sequence_length
         if len(sigmas) > 1 and not is_disback_flow_scheduler(self.scheduler):
             config = self.scheduler.config
             logger.warning(

@@ -101,17 +101,23 @@ def load_pipeline(
 
 def load_sd3_pipeline(model: str, torch_dtype=None, revision: str | None = None, variant: str | None = None):
     """An SD3 folder or repo: a `DisBackSD3Pipeline` when it holds the student's scheduler (docs/inference.md), else
-    a stock `StableDiffusion3Pipeline` (a teacher); a pipeline without T5 loads with `text_encoder_3=None`."""
+    a stock `StableDiffusion3Pipeline` (a teacher); a pipeline without T5 loads with `text_encoder_3=None`. A
+    `DisBackSD3Pipeline` samples with the T5 length its folder records, unless a call passes another."""
     from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
 
-    from ..pipeline_disback_sd3 import DisBackSD3Pipeline, is_disback_flow_scheduler
+    from ..pipeline_disback_sd3 import MAX_SEQUENCE_LENGTH_KEY, DisBackSD3Pipeline, is_disback_flow_scheduler
 
     index = DiffusionPipeline.load_config(model, revision=revision)
     missing = {k: None for k in ("text_encoder_3", "tokenizer_3") if (index.get(k) or [None])[0] is None}
     pipe = StableDiffusion3Pipeline.from_pretrained(
         model, torch_dtype=torch_dtype, revision=revision, variant=variant, **missing
     )
-    return DisBackSD3Pipeline.from_pipe(pipe) if is_disback_flow_scheduler(pipe.scheduler) else pipe
+    if not is_disback_flow_scheduler(pipe.scheduler):
+        return pipe
+    pipe = DisBackSD3Pipeline.from_pipe(pipe)
+    if index.get(MAX_SEQUENCE_LENGTH_KEY) is not None:  # the T5 length the generator was trained with
+        pipe.default_max_sequence_length = index[MAX_SEQUENCE_LENGTH_KEY]
+    return pipe
 
 
 def _is_disback_layout(pipe) -> bool:

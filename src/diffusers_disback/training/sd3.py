@@ -299,7 +299,8 @@ class FrozenSD3:
 
     def final_pipeline(self, transformer_state: dict[str, torch.Tensor], conditioning_timestep: int):
         """The one-step `DisBackSD3Pipeline` of a trained generator's full weights (fp32, on the CPU): the teacher's
-        VAE, text encoders and tokenizers, and the student's scheduler (one step from sigma = 1)."""
+        VAE, text encoders and tokenizers, the student's scheduler (one step from sigma = 1), and the run's
+        `max_sequence_length` as the pipeline's default."""
         from diffusers import AutoencoderKL, SD3Transformer2DModel
 
         from ..pipeline_disback_sd3 import DisBackSD3Pipeline, disback_flow_scheduler
@@ -314,7 +315,7 @@ class FrozenSD3:
         vae = AutoencoderKL.from_pretrained(self.pretrained, subfolder="vae", revision=self.revision)
         encoders = [None if m is None else m.float().cpu() for m in (self.text_encoder, self.text_encoder_2,
                                                                       self.text_encoder_3)]  # fmt: skip
-        return DisBackSD3Pipeline(
+        pipe = DisBackSD3Pipeline(
             transformer=transformer,
             scheduler=disback_flow_scheduler(self.scheduler_config),
             vae=vae,
@@ -325,6 +326,9 @@ class FrozenSD3:
             text_encoder_3=encoders[2],
             tokenizer_3=self.tokenizer_3,
         )
+        # sampled, by default, with the T5 length it was trained with (recorded in the saved folder)
+        pipe.default_max_sequence_length = self.conditioner.max_sequence_length
+        return pipe
 
     def load_vae(self, device: torch.device | str, weight_dtype: torch.dtype) -> torch.nn.Module:
         """The teacher's VAE, loaded once; bf16 or fp32."""
