@@ -154,6 +154,30 @@ def test_shared_base_lora_bf16_on_a_flow_teacher(teacher, tmp_path):
     a = stock("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
     b = ours("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert abs(a - b).max() < 1e-4
+    # `disback export-lora` copies that adapter as it is and writes the SD3 card
+    from diffusers_disback.cli import main
+
+    assert main(["export-lora", str(out / "final"), "--output", str(tmp_path / "exported"), "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "exported" / "lora_export.json").read_text())
+    assert report["source"] == "adapter" and report["settings"]["family"] == "sd3" and report["kohya_file"] is None
+    assert report["summary"]["layers"] == len({k.split(".lora_")[0] for k in shared if ".generator." in k})
+    assert "stable-diffusion-3" in (tmp_path / "exported" / "README.md").read_text()
+
+
+def test_export_lora_extracts_an_sd3_generator_by_svd(teacher, full_run, tmp_path):
+    """A fully fine-tuned SD3 generator as a transformer LoRA over its teacher: at full energy with biases, the stock
+    teacher pipeline with the LoRA gives the generator's one-step image."""
+    from diffusers_disback.lora_export import export_lora
+
+    out, _ = full_run
+    result = export_lora(out / "final", tmp_path / "lora", base_model=teacher, energy=1.0, biases=True,
+                         check_prompts=["a cat", "a red car"])  # fmt: skip
+    assert result.source == "svd" and result.kohya_file is None and result.layers
+    assert not (tmp_path / "lora" / "pytorch_lora_weights_kohya.safetensors").exists()
+    assert max(layer.relative_error for layer in result.layers) < 1e-4
+    assert result.one_step_difference["max_abs"] < 1e-3, (result.one_step_difference, result.not_representable)
+    low = export_lora(out / "final", tmp_path / "low", base_model=teacher, rank=1, check_prompts=["a cat"])
+    assert low.size_bytes < result.size_bytes and max(low.ranks) == 1
 
 
 def test_kill_and_resume_equals_uninterrupted(teacher, full_run, tmp_path):
@@ -202,3 +226,26 @@ def test_cli_generates_and_evaluates_an_sd3_folder(teacher, full_run, tmp_path):
                  "--max-sequence-length", "16", "--device", "cpu"]) == 0  # fmt: skip
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     assert 0 <= metrics["shapes_accuracy"] <= 1
+
+
+def test_path_profile_cli_and_node_judge_on_a_flow_teacher(teacher, full_run, tmp_path, capsys):
+    """`disback path-profile` reads an SD3 run's path with the SD3 script's defaults (CFG 4.5, sigma 1), and the
+    shapes judge samples each node with the SD3 pipeline."""
+    from diffusers_disback.cli import main
+    from diffusers_disback.training.path_profile import judge_nodes
+
+    out, _ = full_run
+    prompts = tmp_path / "probe.txt"
+    prompts.write_text("a cat\na dog\na red car\n")
+    assert main(["path-profile", str(out / "path"), "--teacher", teacher, "--prompts", str(prompts), "--timesteps",
+                 "2", "--max-sequence-length", "16", "--output", str(tmp_path / "profile"), "--device", "cpu"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| P0 (teacher) | 0 | 0.0000 |" in printed and "| P2 | 4 |" in printed
+    saved = json.loads((tmp_path / "profile" / "path_profile.json").read_text())
+    assert saved["guidance_scale"] == 4.5 and saved["nodes"][0]["to_teacher"] == 0.0
+    assert all(n["to_teacher"] > 0 for n in saved["nodes"][1:])
+    assert (tmp_path / "profile" / "path_profile.png").stat().st_size > 5_000
+    judged = judge_nodes(DegradationPath.load(out / "path"), teacher, str(tmp_path / "judge"), num_inference_steps=2,
+                         max_sequence_length=16)  # fmt: skip
+    assert sorted(judged) == [0, 1, 2] and judged[0]["fd"] == 0.0
+    assert all(0.0 <= j["accuracy"] <= 1.0 for j in judged.values()) and judged[2]["fd"] > 0

@@ -277,7 +277,7 @@ def _path_profile(args) -> int:
     import torch
 
     from .distill import DegradationPath, DisBackConfig
-    from .training import FrozenSDXL
+    from .training import FrozenSD3, FrozenSDXL
     from .training.path_profile import PROFILE_PLOT, PathProfiler, judge_nodes
 
     path = DegradationPath.load(args.path)
@@ -295,21 +295,34 @@ def _path_profile(args) -> int:
     device = args.device or ("cuda" if _cuda() else "cpu")
     dtype = _dtype(args.dtype) or torch.float32
     teacher = _model_source(args.teacher, "teacher")
-    resolution = args.resolution
-    if resolution is None:
-        from diffusers import UNet2DConditionModel
-
-        resolution = UNet2DConditionModel.load_config(teacher, subfolder="unet")["sample_size"] * 8
-    frozen = FrozenSDXL.from_pretrained(teacher, resolution, dtype, device)
-    generator = frozen.load_generator(args.generator).to(device, dtype)
+    sd3 = _is_sd3(teacher)  # a flow-matching teacher: the SD3 script's defaults
+    defaults = {"guidance_scale": 4.5, "conditioning_timestep": 1000} if sd3 else {"guidance_scale": 8.0,
+                                                                                  "conditioning_timestep": 399}  # fmt: skip
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     config = DisBackConfig(
         guidance_scale=args.guidance_scale, intermediate_cfg=args.intermediate_cfg,
         conditioning_timestep=args.conditioning_timestep, path_profile_timesteps=args.timesteps,
     )  # fmt: skip
+    resolution = args.resolution
+    if resolution is None:
+        from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+        cls, sub = (SD3Transformer2DModel, "transformer") if sd3 else (UNet2DConditionModel, "unet")
+        resolution = cls.load_config(teacher, subfolder=sub)["sample_size"] * 8
+    if sd3:
+        length = args.max_sequence_length or 256
+        frozen = FrozenSD3.from_pretrained(teacher, resolution, config, dtype, device, max_sequence_length=length)
+    else:
+        frozen = FrozenSDXL.from_pretrained(teacher, resolution, dtype, device)
+    generator = frozen.load_generator(args.generator).to(device, dtype)
     profiler = PathProfiler(frozen, generator, prompts, config, device, seed=args.seed)
     profile = profiler.profile(path)
     if args.judge == "shapes":
-        profile.judge = judge_nodes(path, teacher, os.path.join(args.output or args.path, "path_profile_judge"))
+        call = {"max_sequence_length": args.max_sequence_length or 256} if sd3 else {}
+        judge_dir = os.path.join(args.output or args.path, "path_profile_judge")
+        profile.judge = judge_nodes(path, teacher, judge_dir, **({"num_inference_steps": 28, **call} if sd3 else {}))
     out = args.output or args.path
     os.makedirs(out, exist_ok=True)
     plot = profile.plot(os.path.join(out, PROFILE_PLOT))
@@ -348,17 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser(
         "export-lora",
-        help="write a DisBack generator as a LoRA for SDXL models (diffusers format, and kohya-style)",
+        help="write a DisBack generator as a LoRA for SDXL models (diffusers format, and kohya-style) or SD3 / SD3.5 "
+        "models (diffusers' SD3 format)",
         description="A LoRA-mode run's adapter as it is, or a LoRA extracted from a full fine-tune by truncated SVD "
         "of (generator - base) per layer (docs/lora.md).",
     )
     x.add_argument("model", help="DisBack pipeline folder or Hub id (a run's final/ folder)")
     x.add_argument("--output", required=True, help="folder to write (LoRA weights, lora_export.json, README.md)")
-    x.add_argument("--base-model", default=None, help="the SDXL model it was distilled from (needed for SVD)")
+    x.add_argument("--base-model", default=None, help="the SDXL (SD3) model it was distilled from (needed for SVD)")
     x.add_argument("--rank", type=int, default=None, help="the same rank for every layer")
     x.add_argument("--energy", type=float, default=None, help="per layer, keep this share of |dW|^2 (default 0.9)")
     x.add_argument("--with-biases", action="store_true", help="carry changed biases too (the LoRA cannot be fused)")
-    x.add_argument("--no-kohya", action="store_true", help="skip the kohya-style file")
+    x.add_argument("--no-kohya", action="store_true", help="skip the kohya-style file (SDXL; SD3 writes none)")
     x.add_argument("--check-prompt", action="append", default=[], help="measure base+LoRA against the generator on it")
     x.add_argument("--device", default="cuda" if _cuda() else "cpu")
     x.add_argument("--dtype", default=None, help="for the check: float32 | float16 | bfloat16 (default: as saved)")
@@ -469,19 +483,26 @@ def build_parser() -> argparse.ArgumentParser:
         "neighbour, in score space; a table and a plot (docs/method.md, 'The path profile')",
     )
     pp.add_argument("path", help="a path folder (path_manifest.json and its nodes)")
-    pp.add_argument("--teacher", required=True, help="the teacher the path was recorded from (Hub id or folder)")
-    pp.add_argument("--generator", default=None, help="the initial generator's UNet (default: the teacher's)")
+    pp.add_argument("--teacher", required=True, help="the teacher the path was recorded from (Hub id or folder): "
+                    "an SDXL or an SD3 / SD3.5 pipeline")  # fmt: skip
+    pp.add_argument("--generator", default=None, help="the initial generator's UNet or transformer (default: the "
+                    "teacher's)")  # fmt: skip
     pp.add_argument("--prompts", default=None, help="the probe's captions, one per line (default with --judge shapes: "
                     "the shapes world's training captions)")  # fmt: skip
     pp.add_argument("--num-prompts", type=int, default=32, help="captions of the probe (a random subset if more)")
-    pp.add_argument("--guidance-scale", type=float, default=8.0, help="the teacher's CFG, as in stage 2")
+    pp.add_argument("--guidance-scale", type=float, default=None, help="the teacher's CFG, as in stage 2 (default: "
+                    "the script's, 8 for SDXL, 4.5 for SD3)")  # fmt: skip
     pp.add_argument("--intermediate-cfg", default="node", choices=("node", "none", "teacher"),
                     help="how stage 2 guides intermediate nodes (--intermediate_cfg)")  # fmt: skip
-    pp.add_argument("--conditioning-timestep", type=int, default=399, help="the one-step generator's t_c")
+    pp.add_argument("--conditioning-timestep", type=int, default=None, help="the one-step generator's t_c (default: "
+                    "399 for SDXL, 1000 for SD3)")  # fmt: skip
+    pp.add_argument("--max-sequence-length", type=int, default=None, help="SD3: T5 tokens of the prompt embedding, "
+                    "the run's --max_sequence_length (default 256)")  # fmt: skip
     pp.add_argument("--timesteps", type=int, default=8, help="timesteps of the probe over the DM range")
-    pp.add_argument("--resolution", type=int, default=None, help="default: the teacher UNet's sample size x 8")
+    pp.add_argument("--resolution", type=int, default=None, help="default: the teacher UNet's (transformer's) "
+                    "sample size x 8")  # fmt: skip
     pp.add_argument("--judge", default=None, choices=("shapes",),
-                    help="shapes: also sample each node as a diffusion model (25 Euler steps, CFG 5) and read it back "
+                    help="shapes: also sample each node as a diffusion model (Euler, 25 steps, SD3 28, CFG 5) and read it back "
                     "with the shapes judge (accuracy, FD to the teacher's samples)")  # fmt: skip
     pp.add_argument("--output", default=None, help="folder for path_profile.png and .json (default: the path folder)")
     pp.add_argument("--seed", type=int, default=0, help="the probe's noise and caption subset")

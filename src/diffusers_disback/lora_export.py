@@ -1,6 +1,7 @@
 """
 A DisBack generator as a LoRA that `pipe.load_lora_weights(...)` loads on the SDXL base it was distilled from, and on
-other SDXL fine-tunes (docs/lora.md).
+other SDXL fine-tunes (docs/lora.md). An SD3 / SD3.5 generator (a `DisBackSD3Pipeline` folder) exports the same way,
+as a transformer LoRA in diffusers' SD3 format (`StableDiffusion3Pipeline.load_lora_weights`), without a kohya file.
 
     from diffusers_disback.lora_export import export_lora
 
@@ -297,6 +298,23 @@ def _folder_size(folder: str, names: tuple[str, ...] = (LORA_WEIGHTS_NAME,)) -> 
     return sum(os.path.getsize(os.path.join(folder, n)) for n in names if os.path.exists(os.path.join(folder, n)))
 
 
+def _family(model: str) -> str:
+    """`"sd3"` when `model` (a pipeline folder or Hub id) holds an MMDiT `transformer`, else `"sdxl"`."""
+    from diffusers import DiffusionPipeline
+
+    return "sd3" if "transformer" in DiffusionPipeline.load_config(model) else "sdxl"
+
+
+_DENOISERS = {"sdxl": "unet", "sd3": "transformer"}
+
+
+def _load_denoiser(source: str, family: str) -> nn.Module:
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+    cls = SD3Transformer2DModel if family == "sd3" else UNet2DConditionModel
+    return cls.from_pretrained(source, subfolder=_DENOISERS[family], torch_dtype=torch.float32)
+
+
 def export_lora(
     model: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -316,15 +334,17 @@ def export_lora(
     model the generator was distilled from: a folder or Hub id with `unet/`) is required, and `rank` or `energy`
     chooses the factorisation ([`extract_lora`]). With `check_prompts`, the base with the LoRA and the full generator
     sample them (one step, seeds `0 + i`) and their largest and mean difference is reported. `lora_export.json` holds
-    the report.
+    the report. An SD3 / SD3.5 folder (a `transformer/`) gives a transformer LoRA in diffusers' SD3 format and no
+    kohya file (diffusers has no kohya conversion for SD3).
     """
-    from diffusers import UNet2DConditionModel
-
     model, output_dir = os.fspath(model), os.fspath(output_dir)
     if check_prompts and base_model is None:
         raise ValueError("checking the LoRA against the generator needs the base model it goes on (--base-model)")
+    family = _family(model)
+    kohya = kohya and family == "sdxl"
     local_adapter = os.path.join(model, RUN_ADAPTER_DIR)
     settings = {"model": model, "base_model": base_model, "rank": rank, "energy": energy, "biases": biases}
+    settings["family"] = family
     if os.path.isdir(local_adapter) and rank is None and energy is None:
         os.makedirs(output_dir, exist_ok=True)
         for name in (LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME):
@@ -333,8 +353,9 @@ def export_lora(
         from safetensors.torch import load_file
 
         adapter = load_file(os.path.join(output_dir, LORA_WEIGHTS_NAME))
+        prefix = _DENOISERS[family] + "."
         layers = [
-            LayerReport(k[len("unet.") : -len(".lora_A.weight")], list(v.shape), v.shape[0], 0.0, 0.0)
+            LayerReport(k[len(prefix) : -len(".lora_A.weight")], list(v.shape), v.shape[0], 0.0, 0.0)
             for k, v in adapter.items()
             if k.endswith(".lora_A.weight")
         ]
@@ -350,32 +371,39 @@ def export_lora(
             )
         if rank is None and energy is None:
             energy = settings["energy"] = 0.9
-        generator = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=torch.float32)
-        base = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", torch_dtype=torch.float32)
+        generator, base = _load_denoiser(model, family), _load_denoiser(base_model, family)
         state, layers, lost = extract_lora(generator, base, rank, energy, device, biases)
         if not state:
-            raise ValueError(f"{model}'s UNet does not differ from {base_model}'s: there is nothing to export")
-        _, left_out = save_lora(state, output_dir, kohya)
+            raise ValueError(
+                f"{model}'s {_DENOISERS[family]} does not differ from {base_model}'s: there is nothing to export"
+            )
+        _, left_out = save_lora(state, output_dir, kohya, family=family)
         result = LoraExport(output_dir, "svd", _folder_size(output_dir), layers, lost, settings=settings)
         result.kohya_file, result.kohya_left_out = (KOHYA_WEIGHTS_NAME if kohya else None), left_out
         del generator, base
     if check_prompts:
-        result.one_step_difference = _check(model, output_dir, base_model, check_prompts, device, torch_dtype)
+        result.one_step_difference = _check(model, output_dir, base_model, check_prompts, device, torch_dtype, family)
     with open(os.path.join(output_dir, REPORT_NAME), "w", encoding="utf-8") as f:
         f.write(result.to_json())
     return result
 
 
-def _check(model, lora_dir, base_model, prompts, device, torch_dtype) -> dict[str, float]:
-    from diffusers import UNet2DConditionModel
+def _check(model, lora_dir, base_model, prompts, device, torch_dtype, family="sdxl") -> dict[str, float]:
+    if family == "sd3":
+        from .evaluation.evaluate import load_sd3_pipeline
 
-    from .pipeline_disback import DisBackPipeline
+        full = load_sd3_pipeline(model, torch_dtype=torch_dtype)
+    else:
+        from .pipeline_disback import DisBackPipeline
 
-    full = DisBackPipeline.from_pretrained(model, torch_dtype=torch_dtype).to(device)
-    full.set_progress_bar_config(disable=True)
-    base_unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", torch_dtype=full.unet.dtype)
-    components = {**full.components, "unet": base_unet.to(device)}
-    with_lora = DisBackPipeline(**components)
+        full = DisBackPipeline.from_pretrained(model, torch_dtype=torch_dtype)
+    full.to(device).set_progress_bar_config(disable=True)
+    name = _DENOISERS[family]
+    denoiser = getattr(full, name)
+    base = _load_denoiser(base_model, family).to(device, denoiser.dtype)
+    with_lora = type(full)(**{**full.components, name: base})
+    if family == "sd3":
+        with_lora.default_max_sequence_length = full.default_max_sequence_length
     with_lora.set_progress_bar_config(disable=True)
     with_lora.load_lora_weights(lora_dir, weight_name=LORA_WEIGHTS_NAME, adapter_name="disback")
     return compare_one_step(full, with_lora, prompts)
@@ -397,12 +425,14 @@ def write_lora_card(
 
     folder = os.fspath(folder)
     hub_base = base_model if base_model and not os.path.exists(base_model) else None
+    sd3 = export.settings.get("family") == "sd3"
     data = ModelCardData(
         library_name="diffusers",
-        license="openrail++",
+        **({"license": "other", "license_name": "stabilityai-ai-community"} if sd3 else {"license": "openrail++"}),
         base_model=hub_base,
-        tags=["disback", "lora", "one-step", "stable-diffusion-xl", "text-to-image", "diffusers"],
-    )
+        tags=["disback", "lora", "one-step", "stable-diffusion-3" if sd3 else "stable-diffusion-xl", "text-to-image",
+              "diffusers"],
+    )  # fmt: skip
     summary = export.summary()
     rows = "".join(f"| {k} | {f'{v:.4g}' if isinstance(v, float) else v} |\n" for k, v in summary.items())
     how = (
@@ -430,6 +460,8 @@ def write_lora_card(
             + ".\n"
         )
     base_line = f"`{base_model}`" if base_model else "the SDXL model the generator was distilled from"
+    if sd3:
+        return _write_sd3_lora_card(folder, data, repo_id, base_model, how, rows, lost)
     text = f"""---
 {data.to_yaml()}
 ---
@@ -462,6 +494,47 @@ look. `pipe.fuse_lora(lora_scale=1.0)` bakes it in. With `diffusers_disback` ins
 | figure | value |
 | --- | --- |
 {rows}{lost}{kohya}
+See docs/lora.md of the `diffusers_disback` package for how these are measured.
+"""
+    path = os.path.join(folder, "README.md")
+    ModelCard(text).save(path)
+    return path
+
+
+def _write_sd3_lora_card(folder, data, repo_id, base_model, how, rows, lost) -> str:
+    from huggingface_hub import ModelCard
+
+    base_line = f"`{base_model}`" if base_model else "the SD3 / SD3.5 model the generator was distilled from"
+    text = f"""---
+{data.to_yaml()}
+---
+
+# {repo_id}
+
+A one-step SD3 / SD3.5 generator distilled with DisBack (Distribution Backtracking), as a transformer LoRA over
+{base_line}: {how}. One step from pure noise (sigma 1), no classifier-free guidance.
+
+## Use
+
+```python
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+pipe = StableDiffusion3Pipeline.from_pretrained("your/sd3-model", torch_dtype=torch.bfloat16).to("cuda")
+pipe.load_lora_weights("{repo_id}", adapter_name="disback")
+image = pipe("a photo of an astronaut riding a horse on mars", num_inference_steps=1, guidance_scale=0).images[0]
+```
+
+Sigma 1 is the same under every timestep shift, so the base's own scheduler takes the one step. Scale 1.0
+(`pipe.set_adapters(["disback"], adapter_weights=[1.0])`) is the distilled generator itself on {base_line};
+`pipe.fuse_lora(lora_scale=1.0)` bakes it in. diffusers has no kohya conversion for SD3, so only diffusers' format is
+written.
+
+## Measured at export
+
+| figure | value |
+| --- | --- |
+{rows}{lost}
 See docs/lora.md of the `diffusers_disback` package for how these are measured.
 """
     path = os.path.join(folder, "README.md")

@@ -111,26 +111,34 @@ def write_profile(path: DegradationPath, profile: PathProfile) -> str:
 
 
 def judge_nodes(path: DegradationPath, teacher: str, output_dir: str, num_inference_steps: int = 25,
-                guidance_scale: float = 5.0) -> dict[int, dict]:  # fmt: skip
+                guidance_scale: float = 5.0, **call) -> dict[int, dict]:  # fmt: skip
     """
     Shapes world: every node of `path` sampled as a diffusion model (`num_inference_steps` Euler steps, CFG
     `guidance_scale`, every caption of the world, image i seeded i) and read back by the shapes judge: `{index:
-    {"accuracy", "fd"}}`, FD in the judge's features to the teacher's own samples (node 0).
+    {"accuracy", "fd"}}`, FD in the judge's features to the teacher's own samples (node 0). `teacher` is an SDXL or
+    an SD3 pipeline (the latter sampled by its own flow-matching scheduler; `call` passes e.g. `max_sequence_length`).
     """
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
     from ..evaluation import CaptionSet, ReferenceImages, evaluate, get_protocol
 
     protocol = get_protocol("shapes").replace(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-    pipe = StableDiffusionXLPipeline.from_pretrained(teacher, torch_dtype=torch.float32)
+    index = DiffusionPipeline.load_config(teacher)
+    if "transformer" in index:  # SD3 / SD3.5; a folder without T5 loads with text_encoder_3=None
+        missing = {k: None for k in ("text_encoder_3", "tokenizer_3") if (index.get(k) or [None])[0] is None}
+        pipe = StableDiffusion3Pipeline.from_pretrained(teacher, torch_dtype=torch.float32, **missing)
+        denoiser = pipe.transformer
+    else:
+        pipe = StableDiffusionXLPipeline.from_pretrained(teacher, torch_dtype=torch.float32)
+        denoiser = pipe.unet
     pipe.set_progress_bar_config(disable=True)
-    base = copy.deepcopy(pipe.unet)
+    base = copy.deepcopy(denoiser)
     results, reference = {}, None
     for node in path.nodes:
         if node.index:
-            pipe.unet.load_state_dict(path.merged_state_dict(base, node.index))
+            denoiser.load_state_dict(path.merged_state_dict(base, node.index))
         out = os.path.join(output_dir, f"node_{node.index:03d}")
-        record = evaluate(pipe, CaptionSet.from_shapes(), out, protocol, reference=reference, progress=False)
+        record = evaluate(pipe, CaptionSet.from_shapes(), out, protocol, reference=reference, progress=False, **call)
         if reference is None:
             reference = ReferenceImages.from_folder(os.path.join(out, "images"))
         metrics = record["metrics"]
