@@ -16,8 +16,8 @@ from diffusers_disback.distill import (
     merge_lora,
 )
 from diffusers_disback.distill.config import DisBackConfig
-from diffusers_disback.testing import get_tiny_unet
-from diffusers_disback.training import SDXL_LORA_TARGETS, unet_eps_fn
+from diffusers_disback.testing import get_tiny_sd3_transformer, get_tiny_unet
+from diffusers_disback.training import SD3_LORA_TARGETS, SDXL_LORA_TARGETS, transformer_flow_fn, unet_eps_fn
 
 RANK = 4
 
@@ -44,14 +44,27 @@ def _randomise(module, name, seed):
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
 
 
-def _shared(*names, trainable=("generator",)):
-    teacher = get_tiny_unet().eval().requires_grad_(False)
+def _shared(*names, trainable=("generator",), family="sdxl"):
+    model = get_tiny_sd3_transformer() if family == "sd3" else get_tiny_unet()
+    teacher = model.eval().requires_grad_(False)
     reference = copy.deepcopy(teacher)
     shared = SharedBase(teacher)
+    targets = SD3_LORA_TARGETS if family == "sd3" else SDXL_LORA_TARGETS
     for i, name in enumerate(names):
-        shared.add_adapter(lora_config(RANK, SDXL_LORA_TARGETS), name, trainable=name in trainable)
+        shared.add_adapter(lora_config(RANK, targets), name, trainable=name in trainable)
         _randomise(teacher, name, seed=10 + i)
     return shared, reference
+
+
+def _sd3_inputs(batch=2):
+    """An SD3 transformer's inputs at the tiny config: 16 latent channels, a joint sequence and a pooled vector."""
+    config = get_tiny_sd3_transformer().config
+    g = torch.Generator().manual_seed(3)
+    cond = {
+        "prompt_embeds": torch.randn(batch, 6, config.joint_attention_dim, generator=g),
+        "pooled_projections": torch.randn(batch, config.pooled_projection_dim, generator=g),
+    }
+    return torch.randn(batch, config.in_channels, 8, 8, generator=g), torch.tensor([0.6] * batch), cond
 
 
 def test_views_compute_the_base_plus_their_adapters_and_a_plain_call_is_the_base():
@@ -101,30 +114,33 @@ def test_adding_and_switching_adapters_never_changes_what_trains():
         shared.view("node_1")
 
 
-def _generator_grads(shared, checkpointing):
+def _generator_grads(shared, checkpointing, family="sdxl"):
     """Backward of a generator pass after a fake-score pass ran in between (the DM loss's order)."""
     if checkpointing == "shared":
         shared.enable_gradient_checkpointing()
     elif checkpointing == "plain":  # diffusers' default: recomputes under whatever adapters are active then
         shared.module.enable_gradient_checkpointing()
-    x, t, cond = _inputs()
-    out = unet_eps_fn(shared.view("generator"))(x, t, cond)
+    x, t, cond = _sd3_inputs() if family == "sd3" else _inputs()
+    score_fn = transformer_flow_fn if family == "sd3" else unet_eps_fn
+    out = score_fn(shared.view("generator"))(x, t, cond)
     with torch.no_grad():
-        unet_eps_fn(shared.view("fake_score"))(x, t, cond)
+        score_fn(shared.view("fake_score"))(x, t, cond)
     with shared.using(("fake_score",)):  # another view is active while backward recomputes
         out.square().mean().backward()
     return {n: p.grad.clone() for n, p in shared.module.named_parameters() if p.grad is not None}
 
 
-def test_gradient_checkpointing_recomputes_under_the_adapters_of_the_forward():
-    reference = _generator_grads(_shared("generator", "fake_score")[0], None)
-    got = _generator_grads(_shared("generator", "fake_score")[0], "shared")
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_gradient_checkpointing_recomputes_under_the_adapters_of_the_forward(family):
+    """The UNet's blocks and the SD3 MMDiT's JointTransformerBlocks alike."""
+    reference = _generator_grads(_shared("generator", "fake_score", family=family)[0], None, family)
+    got = _generator_grads(_shared("generator", "fake_score", family=family)[0], "shared", family)
     assert set(got) == set(reference) and all(".generator." in n for n in got)
     for n in reference:
         torch.testing.assert_close(got[n], reference[n], rtol=1e-5, atol=1e-7, msg=n)
     # the control: diffusers' default checkpointing recomputes the blocks under the fake score's adapter
     try:
-        plain = _generator_grads(_shared("generator", "fake_score")[0], "plain")
+        plain = _generator_grads(_shared("generator", "fake_score", family=family)[0], "plain", family)
         wrong = max((plain[n] - reference[n]).abs().max().item() for n in reference)
     except Exception:  # torch's checkpoint may notice the recomputation differs
         wrong = float("inf")

@@ -187,10 +187,11 @@ def test_a_pickle_that_would_run_code_is_refused(teacher, uninterrupted, tmp_pat
     assert "random_states_0.pkl holds a pickle that would call posix.system" in proc.stderr
 
 
-def _launch(args, harness=None, failpoint=None):
-    """A 2-process run on CPU (gloo): DDP, or FSDP2 through tests/fsdp2_cpu_harness.py (`harness`); `failpoint`
-    (DISBACK_FAILPOINT, docs/training.md "Faults") makes a rank fail at a named moment."""
-    target = [os.path.join(ROOT, "tests", "fsdp2_cpu_harness.py")] if harness else [SCRIPT]
+def _launch(args, harness=None, failpoint=None, script=SCRIPT):
+    """A 2-process run on CPU (gloo): DDP of `script`, or FSDP2 through tests/fsdp2_cpu_harness.py (`harness`, which
+    picks the script by the teacher's family); `failpoint` (DISBACK_FAILPOINT, docs/training.md "Faults") makes a
+    rank fail at a named moment."""
+    target = [os.path.join(ROOT, "tests", "fsdp2_cpu_harness.py")] if harness else [script]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            *target, *args]  # fmt: skip

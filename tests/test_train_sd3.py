@@ -249,3 +249,63 @@ def test_path_profile_cli_and_node_judge_on_a_flow_teacher(teacher, full_run, tm
                          max_sequence_length=16)  # fmt: skip
     assert sorted(judged) == [0, 1, 2] and judged[0]["fd"] == 0.0
     assert all(0.0 <= j["accuracy"] <= 1.0 for j in judged.values()) and judged[2]["fd"] > 0
+
+
+DISTANCE = ["--path_node_spacing", "distance", "--num_path_nodes", "2", "--path_candidates", "4"]
+
+
+def test_fsdp2_with_checkpointing_and_distance_spacing_resumes_from_a_sharded_checkpoint(teacher, tmp_path):
+    """FSDP2 on 2 processes (gloo, `tests/fsdp2_cpu_harness.py` wraps SD3's JointTransformerBlocks) with gradient
+    checkpointing and nodes placed by distance; resumed mid stage 2 from its sharded checkpoint, it ends with the same
+    transformer and path, bit for bit."""
+    import shutil
+
+    from test_train import _launch_fsdp2
+
+    out = tmp_path / "fsdp2"
+    args = _cmd(teacher, out, "--gradient_checkpointing", *DISTANCE)[2:]
+    proc = _launch_fsdp2(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = out / "checkpoints" / "checkpoint-8"
+    assert (ckpt / "pytorch_model_fsdp_0").is_dir() and (ckpt / "optimizer_1").is_dir()  # sharded
+    path = DegradationPath.load(out / "path")
+    candidates = {c["step"] for c in path.profile["candidates"]}
+    assert (
+        len(path) == 3 and len(candidates) > 2 and {n.step for n in path.nodes[1:]} <= candidates
+    )  # kept by distance
+    assert 0 < path.nodes[1].distance <= path.nodes[2].distance
+
+    again = tmp_path / "again"
+    shutil.copytree(out, again, ignore=shutil.ignore_patterns("checkpoint-10", "final"))
+    proc = _launch_fsdp2(args[:3] + [str(again)] + args[4:] + ["--resume_from_checkpoint", "latest"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr
+    expected, got = _final(out), _final(again)
+    assert set(got) == set(expected)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0, msg=k)
+    assert DegradationPath.load(again / "path").nodes == path.nodes
+
+
+def test_ddp_shared_base_lora_with_checkpointing_and_distance_spacing(teacher, tmp_path):
+    """DDP on 2 processes with every network an adapter of one frozen SD3 base, gradient checkpointing and a
+    distance-spaced LoRA path: both stages run, each rank keeps its own stream, and the generator's adapter is
+    what the final pipeline samples."""
+    from test_train import _launch
+
+    from diffusers_disback.lora_export import RUN_ADAPTER_DIR
+
+    out = tmp_path / "ddp"
+    lora = ["--lora_rank", "4", "--path_node_type", "lora", "--path_lora_rank", "4", "--gradient_checkpointing"]
+    proc = _launch(_cmd(teacher, out, *lora, *DISTANCE)[2:], script=SCRIPT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = out / "checkpoints" / "checkpoint-10"
+    assert (ckpt / "data_0.json").is_file() and (ckpt / "data_1.json").is_file()
+    path = DegradationPath.load(out / "path")
+    candidates = {c["step"] for c in path.profile["candidates"]}
+    assert path.kind == "lora" and len(path) == 3 and {n.step for n in path.nodes[1:]} <= candidates
+    base = load_file(os.path.join(teacher, "transformer", "diffusion_pytorch_model.safetensors"))
+    final = _final(out)
+    moved = [k for k in final if not torch.equal(final[k], base[k])]
+    assert moved and all(".attn." in k for k in moved)
+    assert (out / "final" / RUN_ADAPTER_DIR / "pytorch_lora_weights.safetensors").is_file()
