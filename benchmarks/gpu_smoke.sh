@@ -10,6 +10,9 @@
 #      checkpoints, more than the device's disk); benchmarks/memory.py's CPU accounting beside them
 #   4. disback export-lora on that run: its adapter as it is, and a rank-64 truncated-SVD LoRA of the merged
 #      SDXL-sized UNet against the teacher (time, size, per-layer error)
+#   5. train_disback_sd3.py on one GPU with an SD3.5-Medium-sized random-weight teacher without T5 (1024², batch 1,
+#      LoRA on the shared base, gradient checkpointing, text encoders offloaded, bf16): peak memory per stage and
+#      s/it, beside benchmarks/memory.py --family sd3.5-medium's count (which includes T5-XXL's 8.9 GiB)
 # Each section has its own time limit so one slow part cannot take the others with it. Results land in $OUT
 # (or ./gpu_smoke_out). CPU dry run at tiny size: SIZE=tiny DEVICE=cpu bash benchmarks/gpu_smoke.sh
 # The device image has no diffusers/datasets: carry them as wheels in .whl (see the device tool's README).
@@ -33,6 +36,11 @@ else RES=64; DT_INF=float32; DT_TRAIN=float32; STEPS=2; T_INF=300; T_STEP=300; T
 TEACHER=/tmp/disback-teacher-$SIZE
 ( python3 -m diffusers_disback.testing "$TEACHER" --size "$SIZE" > "$OUT/teacher_build.log" 2>&1 ) &
 BUILD=$!
+# and section 5's SD3 teacher (SD3.5-Medium-sized without T5, or the tiny SD3 one for the CPU dry run)
+SD3_SIZE=sd3.5-medium; [ "$SIZE" = sdxl ] || SD3_SIZE=tiny
+SD3_TEACHER=/tmp/disback-teacher-sd3-$SD3_SIZE
+( python3 -m diffusers_disback.testing "$SD3_TEACHER" --family sd3 --size "$SD3_SIZE" > "$OUT/teacher_sd3_build.log" 2>&1 ) &
+BUILD_SD3=$!
 
 echo "== inference"; timeout $T_INF python3 benchmarks/inference.py --size "$SIZE" --device "$DEVICE" --dtype "$DT_INF" \
   --repeats 5 --output "$OUT/inference.png" 2>&1 | grep -v "^\[transformers\]" | tee "$OUT/inference.txt"
@@ -73,3 +81,20 @@ for EXTRA in "" "--rank 64 --no-kohya"; do
   echo "export-lora $EXTRA rc=$?"; grep -E "^(source|size_mb|layers|rank_|relative_error|not_repr)|Elapsed|Maximum resident" \
     "$OUT/export_lora${EXTRA// /}.log"
 done
+
+echo "== SD3.5-Medium-sized teacher (no T5): train_disback_sd3.py on one GPU, LoRA on the shared base"
+wait $BUILD_SD3; tail -1 "$OUT/teacher_sd3_build.log"
+python3 benchmarks/memory.py --family sd3.5-medium --num_path_nodes "$STEPS" --no_activations \
+  --report "$OUT/memory_sd3.md" > "$OUT/memory_sd3.txt" 2>&1
+grep -E "^\| (full|lora)" "$OUT/memory_sd3.txt"
+rm -rf /tmp/disback-run-sd3
+timeout $T_RUN $TIMEV python3 -m accelerate.commands.launch --config_file "$CONFIG" --num_processes 1 \
+  examples/train_disback/train_disback_sd3.py --pretrained_teacher_model "$SD3_TEACHER" \
+  --train_data_files examples/train_disback/data/demo_prompts.txt --output_dir /tmp/disback-run-sd3 \
+  --resolution "$RES" --degradation_steps "$STEPS" --path_interval 1 --path_node_type lora --lora_rank 64 \
+  --max_train_steps "$STEPS" --fake_score_update_ratio 1 --backtrack_interval 1 --learning_rate 1e-6 \
+  --lr_warmup_steps 0 --checkpointing_steps 1000 --checkpoints_total_limit 1 --validation_steps 0 --report_to none \
+  --path_profile_prompts 2 --gradient_checkpointing --offload_text_encoders --allow_tf32 \
+  > "$OUT/train_sd3_lora_shared.log" 2>&1
+echo "sd3 script rc=$?"
+grep -E "s/it\]|it/s\]|peak GPU memory|Maximum resident|Error|error" "$OUT/train_sd3_lora_shared.log" | tail -8

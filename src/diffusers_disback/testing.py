@@ -36,6 +36,7 @@ __all__ = [
     "get_sd3_components",
     "get_tiny_sd3_transformer",
     "get_tiny_flux_transformer",
+    "save_sd35_medium_teacher",
     "save_tiny_sd3_teacher",
     "get_sd35_medium_models",
     "TINY_SD3_TRANSFORMER_CONFIG",
@@ -372,6 +373,21 @@ def save_tiny_sd3_teacher(output_dir: str, seed: int = 0, transformer: dict | No
     return output_dir
 
 
+def save_sd35_medium_teacher(output_dir: str, seed: int = 0) -> str:
+    """Saves an SD3.5-Medium-sized teacher with seeded random weights and without T5 ([`get_sd35_medium_models`]'s
+    transformer, VAE and CLIPs; tiny tokenizers; SD3's shift-3 scheduler) as a `StableDiffusion3Pipeline` folder, for
+    measuring the SD3 script on a GPU (`benchmarks/gpu_smoke.sh`). About 12 GB in fp32."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    models = get_sd35_medium_models(seed)
+    models.pop("text_encoder_3")  # T5-XXL: 19 GB more in fp32; the script runs without it (--no_t5 semantics)
+    StableDiffusion3Pipeline(
+        **models, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG), tokenizer=get_tiny_tokenizer(),
+        tokenizer_2=get_tiny_tokenizer(pad_token="!"), text_encoder_3=None, tokenizer_3=None,
+    ).save_pretrained(output_dir)  # fmt: skip
+    return output_dir
+
+
 def save_tiny_teacher(output_dir: str, seed: int = 0, size: str = "tiny") -> str:
     """Saves a tiny SDXL-shaped teacher (or, with `size="sdxl"`, an SDXL-sized random one) as a
     `StableDiffusionXLPipeline` folder and returns its path."""
@@ -492,11 +508,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Save a tiny SDXL- or SD3-shaped teacher pipeline (random weights).")
     parser.add_argument("output_dir")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", choices=["tiny", "sdxl"], default="tiny", help="sdxl: SDXL-sized (about 14 GB)")
-    parser.add_argument("--family", choices=["sdxl", "sd3"], default="sdxl", help="sd3: a tiny SD3-shaped teacher")
+    parser.add_argument("--size", choices=["tiny", "sdxl", "sd3.5-medium"], default="tiny",
+                        help="sdxl: SDXL-sized (about 14 GB); sd3.5-medium (with --family sd3): SD3.5-Medium-sized, "
+                        "without T5 (about 12 GB)")  # fmt: skip
+    parser.add_argument("--family", choices=["sdxl", "sd3"], default="sdxl", help="sd3: an SD3-shaped teacher")
     args = parser.parse_args(argv)
+    if (args.size == "sd3.5-medium") != (args.family == "sd3" and args.size != "tiny"):
+        parser.error(f"--size {args.size} is not a size of the {args.family} family")
     if args.family == "sd3":
-        print(save_tiny_sd3_teacher(args.output_dir, seed=args.seed))
+        save = save_sd35_medium_teacher if args.size == "sd3.5-medium" else save_tiny_sd3_teacher
+        print(save(args.output_dir, seed=args.seed))
     else:
         print(save_tiny_teacher(args.output_dir, seed=args.seed, size=args.size))
 
