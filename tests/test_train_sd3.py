@@ -287,17 +287,20 @@ def test_fsdp2_with_checkpointing_and_distance_spacing_resumes_from_a_sharded_ch
     assert DegradationPath.load(again / "path").nodes == path.nodes
 
 
-def test_ddp_shared_base_lora_with_checkpointing_and_distance_spacing(teacher, tmp_path):
+def test_ddp_shared_base_lora_with_checkpointing_distance_spacing_and_pushes(teacher, tmp_path, hub_server):
     """DDP on 2 processes with every network an adapter of one frozen SD3 base, gradient checkpointing and a
-    distance-spaced LoRA path: both stages run, each rank keeps its own stream, and the generator's adapter is
-    what the final pipeline samples."""
+    distance-spaced LoRA path, pushing to the loopback Hub: both stages run, each rank keeps its own stream, and the
+    pushed repo loads as the one-step SD3 pipeline with the run's T5 length."""
+    from huggingface_hub import list_repo_files
     from test_train import _launch
 
+    from diffusers_disback import DisBackSD3Pipeline
     from diffusers_disback.lora_export import RUN_ADAPTER_DIR
 
     out = tmp_path / "ddp"
     lora = ["--lora_rank", "4", "--path_node_type", "lora", "--path_lora_rank", "4", "--gradient_checkpointing"]
-    proc = _launch(_cmd(teacher, out, *lora, *DISTANCE)[2:], script=SCRIPT)
+    hub = ["--push_to_hub", "--hub_model_id", "user/sd3-ddp-run", "--hub_token", "hf_test", "--hub_push_every", "2"]
+    proc = _launch(_cmd(teacher, out, *lora, *DISTANCE, *hub)[2:], script=SCRIPT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = out / "checkpoints" / "checkpoint-10"
     assert (ckpt / "data_0.json").is_file() and (ckpt / "data_1.json").is_file()
@@ -309,3 +312,10 @@ def test_ddp_shared_base_lora_with_checkpointing_and_distance_spacing(teacher, t
     moved = [k for k in final if not torch.equal(final[k], base[k])]
     assert moved and all(".attn." in k for k in moved)
     assert (out / "final" / RUN_ADAPTER_DIR / "pytorch_lora_weights.safetensors").is_file()
+    files = set(list_repo_files("user/sd3-ddp-run"))
+    assert {"model_index.json", "README.md", "pipeline.py", "transformer/diffusion_pytorch_model.safetensors",
+            "path/path_manifest.json"} <= files  # fmt: skip
+    assert any(f.startswith("checkpoints/checkpoint-") and f.endswith("checkpoint_manifest.json") for f in files)
+    pushed = DisBackSD3Pipeline.from_pretrained("user/sd3-ddp-run")
+    assert pushed.default_max_sequence_length == 16  # read from the repo's model_index.json
+    torch.testing.assert_close(dict(pushed.transformer.state_dict()), _final(out), rtol=0, atol=0)
