@@ -38,8 +38,11 @@ demo: $(STAMP)
 demo-sd3: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) examples/demo.py --family sd3 --output_dir demo_output_sd3
 
+# two test workers (pytest-xdist), each file on one worker (its module fixtures are built once), every process on one
+# thread: two 2-thread processes on 2 cores slow torch several times over
+TEST_WORKERS ?= 2
 test: $(STAMP) browser
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/inference.py

@@ -39,3 +39,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A tiny SDXL-shaped teacher folder, one per test module (a module that needs another, e.g. an SD3 one,
+    defines its own `teacher`)."""
+    from diffusers_disback.testing import save_tiny_teacher
+
+    return save_tiny_teacher(str(tmp_path_factory.mktemp("teacher") / "tiny-sdxl"))

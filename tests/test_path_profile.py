@@ -20,7 +20,7 @@ from diffusers_disback.distill.profile import (
     place_by_distance,
     score_distance,
 )
-from diffusers_disback.testing import get_tiny_unet, save_tiny_teacher
+from diffusers_disback.testing import get_tiny_unet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,11 +36,6 @@ STAGE1 = [
     "--intermediate_cfg", "node", "--report_to", "tensorboard",
 ]  # fmt: skip
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return save_tiny_teacher(str(tmp_path_factory.mktemp("teacher") / "tiny-sdxl"))
 
 
 def _stage1(teacher, out, *extra):

@@ -260,7 +260,7 @@ def test_fsdp2_with_checkpointing_and_distance_spacing_resumes_from_a_sharded_ch
     transformer and path, bit for bit."""
     import shutil
 
-    from test_train import _launch_fsdp2
+    from test_train_distributed import _launch_fsdp2
 
     out = tmp_path / "fsdp2"
     args = _cmd(teacher, out, "--gradient_checkpointing", *DISTANCE)[2:]
@@ -292,7 +292,7 @@ def test_ddp_shared_base_lora_with_checkpointing_distance_spacing_and_pushes(tea
     distance-spaced LoRA path, pushing to the loopback Hub: both stages run, each rank keeps its own stream, and the
     pushed repo loads as the one-step SD3 pipeline with the run's T5 length."""
     from huggingface_hub import list_repo_files
-    from test_train import _launch
+    from test_train_distributed import _launch
 
     from diffusers_disback import DisBackSD3Pipeline
     from diffusers_disback.lora_export import RUN_ADAPTER_DIR
