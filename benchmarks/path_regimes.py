@@ -37,7 +37,7 @@ import subprocess
 import sys
 
 from common import write_section
-from shapes_compare import ROOT, curve, judge_final, random_generator, run_script, teacher_samples
+from shapes_compare import FAMILIES, ROOT, curve, judge_final, random_generator, run_script, teacher_samples
 
 from diffusers_disback.shapes import write_prompts
 
@@ -76,7 +76,10 @@ def parse_args(argv=None):
     p.add_argument("--report_only", action="store_true", help="only aggregate finished runs")
     p.add_argument("--report", default=os.path.join(HERE, "results", "path_regimes.md"))
     p.add_argument("--plot", default=os.path.join(ROOT, "docs", "images", "path_regimes.png"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # shapes_compare's helpers (the script, the teacher's sampler, the final judge) read the family: SDXL here
+    args.family, args.spec = "sdxl", FAMILIES["sdxl"]
+    return args
 
 
 def weak_generator(args) -> str:

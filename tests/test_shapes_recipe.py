@@ -44,3 +44,18 @@ def test_overrides_replace_in_place_drop_with_none_and_append_new_flags():
     }
     assert distill_arguments(learning_rate=5e-5, resolution=64) == RECIPE  # the recipe's own values, written the same
     assert distill_arguments() == RECIPE  # overrides never change the recipe itself
+
+
+def test_path_regimes_hands_shapes_compare_helpers_the_sdxl_family(monkeypatch):
+    """`benchmarks/path_regimes.py` runs through `shapes_compare`'s helpers, which read the teacher family from the
+    arguments (a missing family once broke it at its first call)."""
+    import sys
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    sys.modules.pop("path_regimes", None)
+    import path_regimes
+    import shapes_compare
+
+    args = path_regimes.parse_args(["--inits", "teacher", "--seeds", "0"])
+    assert args.family == "sdxl" and args.spec is shapes_compare.FAMILIES["sdxl"]
+    assert args.spec["script"] == "train_disback_sdxl.py" and args.spec["teacher_steps"] == 25
