@@ -138,6 +138,46 @@ def test_fast_decode_uses_the_tiny_vae(engine, reference, model_folder):
         AppEngine(reference).generate(PROMPT, fast_decode=True)
 
 
+def test_an_sd3_folder_samples_as_disback_sd3_pipeline(tmp_path):
+    """An SD3 DisBack folder: the app loads it with stock diffusers and the student's scheduler, and gives
+    `DisBackSD3Pipeline`'s images for the same seed at 1 and 4 steps (the re-noising drawn from the seed), with the
+    T5 length the folder records; fast decode goes through a TAESD3-shaped tiny VAE, shift factor included."""
+    from diffusers_disback import DisBackSD3Pipeline, disback_flow_scheduler
+    from diffusers_disback.testing import get_sd3_components
+
+    folder = tmp_path / "disback-sd3"
+    pipe = DisBackSD3Pipeline(**{**get_sd3_components(), "scheduler": disback_flow_scheduler()})
+    pipe.default_max_sequence_length = 16
+    pipe.save_pretrained(folder)
+    torch.manual_seed(0)
+    taesd3 = AutoencoderTiny(
+        in_channels=3, out_channels=3, latent_channels=16, encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1),
+        scaling_factor=1.5305, shift_factor=0.0609,
+    ).eval()  # fmt: skip
+    taesd3.save_pretrained(folder / "vae_tiny")
+    engine = AppEngine.from_pretrained(folder)
+    assert engine.is_sd3 and engine.max_sequence_length == 16 and isinstance(engine.tiny_vae, AutoencoderTiny)
+    assert type(engine.pipe).__name__ == "StableDiffusion3Pipeline"  # stock diffusers: the Space needs nothing else
+    reference = DisBackSD3Pipeline.from_pretrained(folder)
+    reference.set_progress_bar_config(disable=True)
+    for steps, timesteps in ((1, [1000]), (4, [1000, 750, 500, 250])):
+        result = engine.generate(PROMPT, seed=3, steps=steps)
+        assert result.timesteps == timesteps and result.image.size == (64, 64)
+        expected = reference(PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(3)).images[0]
+        assert np.abs(_pixels(result.image) - _pixels(expected)).max() <= 1, steps
+    assert not np.array_equal(_pixels(engine.generate(PROMPT, seed=3, steps=4).image),
+                              _pixels(engine.generate(PROMPT, seed=4, steps=4).image))  # fmt: skip
+    assert "step" not in engine.pipe.scheduler.__dict__  # the generator hand-over is undone after each call
+    fast = engine.generate(PROMPT, seed=3, fast_decode=True)
+    latents = reference(PROMPT, generator=torch.Generator().manual_seed(3), output_type="latent").images
+    with torch.no_grad():
+        decoded = taesd3.decode(latents / 1.5305 + 0.0609).sample
+    by_hand = reference.image_processor.postprocess(decoded, output_type="pil")[0]
+    assert np.abs(_pixels(fast.image) - _pixels(by_hand)).max() <= 1
+    assert all(int(w) % 8 == 0 and int(h) % 8 == 0 for w, h in (c.split("x") for c in engine.size_choices()))
+
+
 def test_shapes_teacher_loads_the_plain_way_and_sizes(reference):
     shapes = AppEngine.from_pretrained(SHAPES_TEACHER)  # its repo names EulerDiscreteScheduler
     assert type(shapes.pipe.scheduler).__name__ == "LCMScheduler"

@@ -15,11 +15,18 @@ MODEL is a DisBack repo id or folder (any SDXL pipeline folder loads: its schedu
 at timestep 399 from pure noise; N steps at timesteps evenly spaced down from 999 (4 -> 999, 749, 499, 249); never
 classifier-free guidance. Fast decode replaces the VAE decoder with an `AutoencoderTiny` (the TAESD-XL layout, e.g.
 madebyollin/taesdxl) given with `--tiny-vae` or found in the model repo's `vae_tiny/` folder.
+
+An SD3 / SD3.5 DisBack folder (a `transformer`) loads as a stock `StableDiffusion3Pipeline` with the student's
+flow-matching scheduler (no shift, re-noising steps): one step from sigma 1, N steps at sigmas evenly spaced down from
+1 (4 -> 1, 0.75, 0.5, 0.25), re-noised with noise from the seed, with the T5 length the folder records; the same
+images as `DisBackSD3Pipeline`. Its tiny VAE has the TAESD3 layout (madebyollin/taesd3).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -55,6 +62,10 @@ class _QuietLCM(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "first timestep on the custom timestep schedule" not in record.getMessage()
 
+
+# what a DisBack SD3 folder records (the same key as `diffusers_disback.pipeline_disback_sd3`, copied: this file
+# stands alone)
+MAX_SEQUENCE_LENGTH_KEY = "_disback_max_sequence_length"
 
 _lcm_logger = logging.getLogger("diffusers.schedulers.scheduling_lcm")
 if not any(isinstance(f, _QuietLCM) for f in _lcm_logger.filters):
@@ -134,11 +145,19 @@ class AppEngine:
     name: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    max_sequence_length: int = 256  # SD3: T5 tokens of the prompt embedding
+
+    @property
+    def is_sd3(self) -> bool:
+        return getattr(self.pipe, "transformer", None) is not None
+
     def __post_init__(self):
         from diffusers import LCMScheduler
 
         config = dict(self.pipe.scheduler.config)
         self.num_train_timesteps = int(config.get("num_train_timesteps", 1000))
+        if self.is_sd3:
+            return self._init_sd3(config)
         self.conditioning_timestep = int(config.get("conditioning_timestep", 399))
         stock = type(self.pipe.scheduler).__name__ == "LCMScheduler"
         if not stock or config.get("original_inference_steps") != self.num_train_timesteps:
@@ -152,6 +171,24 @@ class AppEngine:
         self.native_size = int(unet.sample_size) * self.vae_scale_factor
         # latents must halve cleanly at every UNet down block
         self.size_multiple = self.vae_scale_factor * 2 ** (len(unet.block_out_channels) - 1)
+
+    def _init_sd3(self, config: dict) -> None:
+        # the student's sampler: diffusers' flow-matching Euler, unshifted, re-noising the x0 prediction between steps
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        student = {"shift": 1.0, "use_dynamic_shifting": False, "stochastic_sampling": True}
+        if type(self.pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler" or any(
+            config.get(k) != v for k, v in student.items()
+        ):
+            self.pipe.scheduler = FlowMatchEulerDiscreteScheduler(
+                num_train_timesteps=self.num_train_timesteps, **student
+            )
+        self.pipe.set_progress_bar_config(disable=True)
+        self.conditioning_timestep = self.num_train_timesteps
+        self.vae_scale_factor = int(self.pipe.vae_scale_factor)
+        transformer = self.pipe.transformer.config
+        self.native_size = int(transformer.sample_size) * self.vae_scale_factor
+        self.size_multiple = self.vae_scale_factor * int(transformer.patch_size)
 
     @classmethod
     def from_pretrained(
@@ -178,14 +215,27 @@ class AppEngine:
         if dtype is None:
             dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
         model = os.fspath(model)
-        pipe = StableDiffusionXLPipeline.from_pretrained(model, torch_dtype=dtype, variant=variant, revision=revision)
+        index = StableDiffusionXLPipeline.load_config(model, revision=revision)
+        extra = {}
+        if "transformer" in index:  # SD3 / SD3.5; a folder without T5 loads with text_encoder_3=None
+            from diffusers import StableDiffusion3Pipeline
+
+            missing = {k: None for k in ("text_encoder_3", "tokenizer_3") if (index.get(k) or [None])[0] is None}
+            pipe = StableDiffusion3Pipeline.from_pretrained(
+                model, torch_dtype=dtype, variant=variant, revision=revision, **missing
+            )
+            extra["max_sequence_length"] = int(index.get(MAX_SEQUENCE_LENGTH_KEY) or 256)
+        else:
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                model, torch_dtype=dtype, variant=variant, revision=revision
+            )
         vae = _load_tiny_vae(tiny_vae, model, dtype, revision)
         pipe.to(device)
         if vae is not None and vae.dtype != dtype:  # only a model given as such; diffusers warns on needless casts
             vae.to(dtype=dtype)
         if vae is not None:
             vae.to(device)
-        return cls(pipe, vae, name=model)
+        return cls(pipe, vae, name=model, **extra)
 
     @property
     def device(self) -> str:
@@ -230,15 +280,21 @@ class AppEngine:
         seed, steps = int(seed), int(steps)
         timesteps = disback_timesteps(steps, self.conditioning_timestep, self.num_train_timesteps)
         width, height = self.parse_size(size)
-        with self._lock, torch.inference_mode():
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        call = {"timesteps": timesteps}
+        if self.is_sd3:  # sigmas 1, (N-1)/N, ..., 1/N; transformer timesteps 1000 sigma
+            sigmas = [1.0 - k / steps for k in range(steps)]
+            timesteps = [round(self.num_train_timesteps * s) for s in sigmas]
+            call = {"sigmas": sigmas, "max_sequence_length": self.max_sequence_length}
+        with self._lock, torch.inference_mode(), self._renoise_from(generator):
             start = time.perf_counter()
             out = self.pipe(
                 prompt,
-                timesteps=timesteps,
+                **call,
                 guidance_scale=0.0,
                 width=width,
                 height=height,
-                generator=torch.Generator(device="cpu").manual_seed(seed),
+                generator=generator,
                 output_type="latent" if fast_decode else "pil",
             ).images
             image = self._tiny_decode(out) if fast_decode else out[0]
@@ -247,9 +303,24 @@ class AppEngine:
             seconds = time.perf_counter() - start
         return AppResult(image, seconds, prompt, seed, steps, timesteps, width, height, bool(fast_decode))
 
+    @contextlib.contextmanager
+    def _renoise_from(self, generator):
+        """SD3: diffusers' loop calls `scheduler.step` without the generator; hand it the call's, so that N > 1 steps
+        re-noise from the seed, as `DisBackSD3Pipeline` does (SDXL's LCM step gets it from the pipeline)."""
+        scheduler = self.pipe.scheduler
+        if not self.is_sd3:
+            yield
+            return
+        scheduler.step = functools.partial(type(scheduler).step, scheduler, generator=generator)
+        try:
+            yield
+        finally:
+            del scheduler.step
+
     def _tiny_decode(self, latents):
         vae = self.tiny_vae
         latents = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+        latents = latents + (getattr(vae.config, "shift_factor", None) or 0.0)  # TAESD3: SD3's latents are shifted
         image = vae.decode(latents, return_dict=False)[0]
         return self.pipe.image_processor.postprocess(image, output_type="pil")[0]
 
@@ -334,8 +405,13 @@ def build_app(
         gr.HTML(f"<style>{_CSS}</style>")
         gr.Markdown(
             f"# {title or 'DisBack one-step text-to-image'}\n"
-            f"Model: `{name}`. Type a prompt: images are generated as you type, in one step at timestep 399 "
-            "(or 2 / 4 steps from 999), without classifier-free guidance."
+            f"Model: `{name}`. Type a prompt: images are generated as you type, in one step "
+            + (
+                "from sigma 1 (or 2 / 4 steps down from it)"
+                if engine.is_sd3
+                else "at timestep 399 (or 2 / 4 steps from 999)"
+            )
+            + ", without classifier-free guidance."
         )
         history = gr.State([])
         with gr.Row():

@@ -408,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .app import add_app_arguments  # the standard library only, at import
 
-    a = sub.add_parser("app", help="a web app (Gradio) of a DisBack model; generates as you type (docs/app.md)")
+    a = sub.add_parser(
+        "app", help="a web app (Gradio) of a DisBack SDXL or SD3 model; generates as you type (docs/app.md)"
+    )
     add_app_arguments(a)
     a.set_defaults(func=_app)
     e = sub.add_parser(
