@@ -37,6 +37,22 @@ def _one_step_accuracy(pipe) -> float:
     return _one_step_metrics(pipe)["accuracy/all"]
 
 
+def _distill(tmp_path, script: str, teacher: str, **recipe):
+    """`script` on the shapes world's training captions with the shapes recipe (`recipe` replaces its flags), without
+    checkpoints or validation; returns the run's folder."""
+    out = tmp_path / "run"
+    args = distill_arguments(**recipe, checkpointing_steps=1000, checkpoints_total_limit=None, validation_steps=0,
+                             report_to="none")  # fmt: skip
+    prompts = write_prompts(str(tmp_path / "prompts.txt"), "train")
+    cmd = [sys.executable, script, "--pretrained_teacher_model", teacher, "--output_dir", str(out),
+           "--train_data_files", prompts, *args]  # fmt: skip
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=1200, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
 # the one-GPU mode (every network an adapter of the frozen teacher, docs/training.md "One frozen base") needs a 10x
 # learning rate and twice the iterations to clear the same bar: at 300 iterations rank 64 reaches 0.39 at lr 1e-3 and
 # 0.18 at lr 1e-4; at 600 iterations 0.49-0.50 at lr 1e-3, 0.40 at lr 2e-3 (measured on the 2-core CPU machine)
@@ -49,24 +65,9 @@ MODES = {
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_the_script_distills_the_shapes_teacher_into_a_one_step_generator_that_follows_prompts(tmp_path, mode):
-    out = tmp_path / "run"
-    recipe = distill_arguments(  # the shapes recipe on make demo's budget, without its checkpoints and validation
-        degradation_steps=40,
-        path_interval=20,
-        **MODES[mode],
-        conditioning_timestep=None,  # the script's default, 399
-        checkpointing_steps=1000,
-        checkpoints_total_limit=None,
-        validation_steps=0,
-        report_to="none",
-    )
-    prompts = write_prompts(str(tmp_path / "prompts.txt"), "train")
-    cmd = [sys.executable, SCRIPT, "--pretrained_teacher_model", TEACHER, "--output_dir", str(out),
-           "--train_data_files", prompts, *recipe]  # fmt: skip
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=1200, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the shapes recipe on make demo's budget; t_c: the script's default, 399
+    out = _distill(tmp_path, SCRIPT, TEACHER, degradation_steps=40, path_interval=20, **MODES[mode],
+                   conditioning_timestep=None)  # fmt: skip
     distilled = _one_step_accuracy(DisBackPipeline.from_pretrained(out / "final"))
     # the same teacher used as a one-step generator before distillation: 0.15 (measured), the distilled one 0.73
     teacher = DisBackPipeline.from_pretrained(out / "final")
@@ -83,25 +84,8 @@ def test_the_sd3_script_distills_the_flow_matching_shapes_teacher(tmp_path):
     too small a gap for a threshold with a margin. Shape is where the one step fails: 0.722 before, 0.88-0.92 after
     250-500 DMD iterations on every seed measured (benchmarks/shapes_compare.py --family sd3; the teacher 0.917).
     Measured here on the 2-core CPU machine: shape 0.722 -> 0.910, all attributes 0.417 -> 0.472."""
-    out = tmp_path / "run"
-    recipe = distill_arguments(
-        max_train_steps=400,
-        conditioning_timestep=1000,
-        max_sequence_length=8,
-        method="dmd",
-        stage="backtracking",
-        checkpointing_steps=1000,
-        checkpoints_total_limit=None,
-        validation_steps=0,
-        report_to="none",
-    )
-    prompts = write_prompts(str(tmp_path / "prompts.txt"), "train")
-    cmd = [sys.executable, SD3_SCRIPT, "--pretrained_teacher_model", SD3_TEACHER, "--output_dir", str(out),
-           "--train_data_files", prompts, *recipe]  # fmt: skip
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=1200, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = _distill(tmp_path, SD3_SCRIPT, SD3_TEACHER, max_train_steps=400, conditioning_timestep=1000,
+                   max_sequence_length=8, method="dmd", stage="backtracking")  # fmt: skip
     distilled = DisBackSD3Pipeline.from_pretrained(out / "final")
     assert distilled.default_max_sequence_length == 8
     after = _one_step_metrics(distilled)
