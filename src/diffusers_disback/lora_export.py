@@ -343,8 +343,8 @@ def export_lora(
     family = _family(model)
     kohya = kohya and family == "sdxl"
     local_adapter = os.path.join(model, RUN_ADAPTER_DIR)
-    settings = {"model": model, "base_model": base_model, "rank": rank, "energy": energy, "biases": biases}
-    settings["family"] = family
+    settings = {"model": model, "base_model": base_model, "rank": rank, "energy": energy, "biases": biases,
+                "family": family}  # fmt: skip
     if os.path.isdir(local_adapter) and rank is None and energy is None:
         os.makedirs(output_dir, exist_ok=True)
         for name in (LORA_WEIGHTS_NAME, KOHYA_WEIGHTS_NAME):
@@ -423,12 +423,14 @@ def write_lora_card(
     reproduces the generator on its base), and the numbers [`export_lora`] measured. Returns the card's path."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    from .hub import DEFAULT_LICENSES
+
     folder = os.fspath(folder)
     hub_base = base_model if base_model and not os.path.exists(base_model) else None
     sd3 = export.settings.get("family") == "sd3"
     data = ModelCardData(
         library_name="diffusers",
-        **({"license": "other", "license_name": "stabilityai-ai-community"} if sd3 else {"license": "openrail++"}),
+        **DEFAULT_LICENSES["sd3" if sd3 else "sdxl"],
         base_model=hub_base,
         tags=["disback", "lora", "one-step", "stable-diffusion-3" if sd3 else "stable-diffusion-xl", "text-to-image",
               "diffusers"],
