@@ -78,6 +78,7 @@ from diffusers_disback.hub import append_card_markdown, save_for_hub
 from diffusers_disback.images import image_grid
 from diffusers_disback.lora_export import RUN_ADAPTER_DIR, save_run_adapter
 from diffusers_disback.training import (
+    SD3_DEFAULTS,
     BackgroundPusher,
     FakeScoreWithHead,
     FrozenSD3,
@@ -123,8 +124,7 @@ FAMILIES = {
     "sd3": {
         "name": "SD3/SD3.5",
         "pipelines": ("StableDiffusion3Pipeline", "DisBackSD3Pipeline"),
-        # sigma = 1: pure noise; CFG 4.5 (peers report over-saturation at 7; docs/training.md, "Flow-matching teachers")
-        "defaults": {"conditioning_timestep": 1000, "guidance_scale": 4.5, "output_dir": "disback-sd3"},
+        "defaults": {**SD3_DEFAULTS, "output_dir": "disback-sd3"},  # sigma = 1 and CFG 4.5
     },
 }
 

@@ -278,6 +278,7 @@ class AppEngine:
         if fast_decode and self.tiny_vae is None:
             raise ValueError("fast decode needs a tiny VAE (AutoencoderTiny): pass tiny_vae= / --tiny-vae")
         seed, steps = int(seed), int(steps)
+        # the DisBack timesteps (SDXL), and the check that `steps` is valid (both families)
         timesteps = disback_timesteps(steps, self.conditioning_timestep, self.num_train_timesteps)
         width, height = self.parse_size(size)
         generator = torch.Generator(device="cpu").manual_seed(seed)

@@ -277,7 +277,7 @@ def _path_profile(args) -> int:
     import torch
 
     from .distill import DegradationPath, DisBackConfig
-    from .training import FrozenSD3, FrozenSDXL
+    from .training import SD3_DEFAULTS, FrozenSD3, FrozenSDXL
     from .training.path_profile import PROFILE_PLOT, PathProfiler, judge_nodes
 
     path = DegradationPath.load(args.path)
@@ -295,16 +295,11 @@ def _path_profile(args) -> int:
     device = args.device or ("cuda" if _cuda() else "cpu")
     dtype = _dtype(args.dtype) or torch.float32
     teacher = _model_source(args.teacher, "teacher")
-    sd3 = _is_sd3(teacher)  # a flow-matching teacher: the SD3 script's defaults
-    defaults = {"guidance_scale": 4.5, "conditioning_timestep": 1000} if sd3 else {"guidance_scale": 8.0,
-                                                                                  "conditioning_timestep": 399}  # fmt: skip
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    config = DisBackConfig(
-        guidance_scale=args.guidance_scale, intermediate_cfg=args.intermediate_cfg,
-        conditioning_timestep=args.conditioning_timestep, path_profile_timesteps=args.timesteps,
-    )  # fmt: skip
+    sd3 = _is_sd3(teacher)  # a flow-matching teacher: the SD3 script's defaults, else DisBackConfig's (SDXL's)
+    given = {"guidance_scale": args.guidance_scale, "conditioning_timestep": args.conditioning_timestep}
+    settings = {**(SD3_DEFAULTS if sd3 else {}), **{k: v for k, v in given.items() if v is not None}}
+    config = DisBackConfig(**settings, intermediate_cfg=args.intermediate_cfg, path_profile_timesteps=args.timesteps)
+    length = args.max_sequence_length or 256  # SD3: T5 tokens
     resolution = args.resolution
     if resolution is None:
         from diffusers import SD3Transformer2DModel, UNet2DConditionModel
@@ -312,7 +307,6 @@ def _path_profile(args) -> int:
         cls, sub = (SD3Transformer2DModel, "transformer") if sd3 else (UNet2DConditionModel, "unet")
         resolution = cls.load_config(teacher, subfolder=sub)["sample_size"] * 8
     if sd3:
-        length = args.max_sequence_length or 256
         frozen = FrozenSD3.from_pretrained(teacher, resolution, config, dtype, device, max_sequence_length=length)
     else:
         frozen = FrozenSDXL.from_pretrained(teacher, resolution, dtype, device)
@@ -320,9 +314,9 @@ def _path_profile(args) -> int:
     profiler = PathProfiler(frozen, generator, prompts, config, device, seed=args.seed)
     profile = profiler.profile(path)
     if args.judge == "shapes":
-        call = {"max_sequence_length": args.max_sequence_length or 256} if sd3 else {}
         judge_dir = os.path.join(args.output or args.path, "path_profile_judge")
-        profile.judge = judge_nodes(path, teacher, judge_dir, **({"num_inference_steps": 28, **call} if sd3 else {}))
+        sampling = {"num_inference_steps": 28, "max_sequence_length": length} if sd3 else {}
+        profile.judge = judge_nodes(path, teacher, judge_dir, **sampling)
     out = args.output or args.path
     os.makedirs(out, exist_ok=True)
     plot = profile.plot(os.path.join(out, PROFILE_PLOT))

@@ -26,11 +26,12 @@ from .distributed import (
     prepare_trainable,
 )
 from .hub_push import BackgroundPusher
-from .sd3 import SD3_LORA_TARGETS, FrozenSD3, SD3Conditioner, transformer_flow_fn
+from .sd3 import SD3_DEFAULTS, SD3_LORA_TARGETS, FrozenSD3, SD3Conditioner, transformer_flow_fn
 from .sdxl import SDXL_LORA_TARGETS, FrozenSDXL, SDXLConditioner, unet_eps_fn
 from .state import STAGES, ResumePlan, RunState, checkpoint_dirs, plan_resume, restore_checkpoint, save_checkpoint
 
 __all__ = [
+    "SD3_DEFAULTS",
     "SD3_LORA_TARGETS",
     "SDXL_LORA_TARGETS",
     "STAGES",

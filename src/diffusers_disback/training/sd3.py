@@ -22,6 +22,11 @@ import torch
 from ..distill import FlowSchedule, SigmaDistribution
 from .sdxl import _dtype_of
 
+# the method settings an SD3 / SD3.5 teacher distils with where they differ from `DisBackConfig`'s (SDXL's): the
+# generator is fed pure noise at sigma = 1 (t_c = 1000), CFG 4.5 on the target (peers report over-saturation at 7;
+# docs/training.md, "Flow-matching teachers"). `train_disback_sd3.py` and `disback path-profile` read them.
+SD3_DEFAULTS = {"conditioning_timestep": 1000, "guidance_scale": 4.5}
+
 # diffusers' train_dreambooth_lora_sd3.py: the image and the context stream's attention projections
 SD3_LORA_TARGETS = [
     "attn.add_k_proj",
