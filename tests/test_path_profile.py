@@ -1,5 +1,6 @@
 """The path profile: the score-space distance, nodes placed by distance, stage 1's profile and resume, the CLI."""
 
+import itertools
 import json
 import math
 import os
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "train_disback", "train_disback_sdxl.py")
 PROMPTS = os.path.join(ROOT, "examples", "train_disback", "data", "demo_prompts.txt")
-# stage 1 only, distance spacing: 3 nodes kept of the candidates of 8 steps (1, 2, 4, 6, 8), a checkpoint every 2
+# stage 1 only, distance spacing: 3 nodes kept of the candidates of 8 steps (1, 2, 3, 4, 6, 8), a checkpoint every 2
 STAGE1 = [
     "--resolution", "64", "--stage", "degradation", "--degradation_steps", "8", "--num_path_nodes", "3",
     "--path_node_spacing", "distance", "--path_candidates", "8", "--path_profile_prompts", "4",
@@ -72,7 +73,7 @@ def test_distance_is_zero_for_the_teacher_and_grows_along_a_recorded_path(teache
     out, _ = placed
     path = DegradationPath.load(out / "path")
     candidates = path.profile["candidates"]
-    assert [c["step"] for c in candidates] == [1, 2, 4, 6, 8]
+    assert [c["step"] for c in candidates] == [1, 2, 3, 4, 6, 8] == candidate_steps(8, 8)
     distances = [c["to_teacher"] for c in candidates]
     assert 0 < distances[0] < distances[-1]  # stage 1 moves away from the teacher
     profile = PathProfile.from_dict(path.profile)
@@ -126,6 +127,25 @@ def test_distance_spacing_puts_nodes_at_equal_distance_quantiles():
     assert max(b - a for a, b in zip([0.0, *uniform], uniform)) == pytest.approx(0.5)
 
 
+def test_distance_spacing_is_exact_against_every_chain():
+    # brute force over all chains: the largest gap smallest, then (among those) the smallest gap largest (a choice
+    # made per prefix, as before, missed the second on 4 of these 40)
+    rng = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        M, N = 9, 3 + trial % 3
+        x = torch.randn(M + 1, 3, generator=rng, dtype=torch.float64)  # snapshots anywhere: stage 1 can turn
+        D = torch.cdist(x, x)
+        best = None
+        for inner in itertools.combinations(range(1, M), N - 1):
+            chain = [0, *inner, M]
+            gaps = [float(D[a, b]) for a, b in zip(chain, chain[1:])]
+            key = (max(gaps), -min(gaps))
+            best = key if best is None or key < best else best
+        chosen = place_by_distance(D, N)
+        gaps = [float(D[a, b]) for a, b in zip([0, *chosen], chosen)]
+        assert (max(gaps), -min(gaps)) == pytest.approx(best), trial
+
+
 def test_distance_spacing_on_a_path_that_turns_back():
     # out to 1.0, then back toward the teacher to 0.6: the neighbour gaps, not the distance to the teacher, decide
     positions = [0.2, 0.4, 0.6, 0.8, 1.0, 0.9, 0.8, 0.7, 0.6]
@@ -172,9 +192,15 @@ def test_stage1_keeps_nodes_by_distance_and_logs_the_profile(placed):
     acc = EventAccumulator(events[0])
     acc.Reload()
     logged = [(e.step, round(e.value, 5)) for e in acc.Scalars("degradation/distance_to_teacher")]
-    assert [s for s, _ in logged] == [1, 2, 4, 6, 8]
+    assert [s for s, _ in logged] == [1, 2, 3, 4, 6, 8]
     assert [v for _, v in logged] == [round(c["to_teacher"], 5) for c in profile.candidates]
     assert len(acc.Scalars("path_profile/to_teacher")) == 3
+    # the candidates' pairwise distances, from the probe predictions kept as each was recorded (no second pass)
+    D = torch.tensor(profile.candidate_distances, dtype=torch.float64)
+    assert D.shape == (7, 7) and torch.allclose(D, D.T) and torch.all(D.diagonal() == 0)
+    assert D[0, 1:].tolist() == pytest.approx([c["to_teacher"] for c in profile.candidates], abs=1e-6)
+    kept = [candidate_steps(8, 8)[i - 1] for i in place_by_distance(D, 3)]
+    assert kept == [n.step for n in path.nodes[1:]]
 
 
 def test_placed_path_resumes_bit_identically_after_kill_9(teacher, placed, tmp_path):

@@ -73,7 +73,7 @@ from diffusers_disback.distill import (
     one_step_sample,
     target_score,
 )
-from diffusers_disback.distill.profile import PathProfile, pairwise_distances, place_by_distance
+from diffusers_disback.distill.profile import PathProfile, pairwise_distances, place_by_distance, score_distance
 from diffusers_disback.hub import append_card_markdown, save_for_hub
 from diffusers_disback.images import image_grid
 from diffusers_disback.lora_export import RUN_ADAPTER_DIR, save_run_adapter
@@ -105,7 +105,7 @@ from diffusers_disback.training.faults import (
     is_collective_failure,
     parse_hub_resume,
 )
-from diffusers_disback.training.path_profile import PROFILE_PLOT, PathProfiler, write_profile
+from diffusers_disback.training.path_profile import PROFILE_PLOT, PathProfiler, save_predictions, write_profile
 from diffusers_disback.training.state import DamagedCheckpointError, newest_good_checkpoint, verify_checkpoint
 
 logger = get_logger(__name__)
@@ -876,6 +876,17 @@ def add_path_node(run: Run, path: DegradationPath | None, degrading, step: int, 
     run.accelerator.wait_for_everyone()
 
 
+def record_node(run: Run, profiler: PathProfiler | None, path, degrading, module, step: int) -> float | None:
+    """A path node (or candidate) at stage-1 `step`, with its distance to the teacher when profiled (returned). A
+    candidate's probe predictions are kept beside it: placing the nodes then needs no second probe pass."""
+    predictions = profiler.predictions(degrading) if profiler else None
+    distance = score_distance(predictions, profiler.teacher_predictions) if profiler else None
+    add_path_node(run, path, module, step, distance)
+    if path is not None and predictions is not None and os.path.basename(path.directory) == CANDIDATES:
+        save_predictions(path, step, predictions)
+    return distance
+
+
 def degradation_networks(run: Run, rank: int):
     """
     Stage 1's networks: the frozen initial generator (in the compute dtype), the degrading score (full, or a LoRA of
@@ -934,8 +945,7 @@ def run_degradation(run: Run, plan: ResumePlan) -> None:
         run.state.global_step += 1
         step = run.state.stage_step
         if step in node_steps:
-            distance = profiler.distance(degrading) if profiler else None
-            add_path_node(run, candidates or path, module, step, distance)
+            distance = record_node(run, profiler, candidates or path, degrading, module, step)
             if distance is not None:
                 logs["distance_to_teacher"] = distance
         if step == config.degradation_steps and candidates is not None and acc.is_main_process:

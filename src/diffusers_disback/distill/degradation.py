@@ -499,14 +499,19 @@ def node_steps(
 
 def candidate_steps(degradation_steps: int, num_candidates: int) -> list[int]:
     """
-    The stage-1 steps at which `path_node_spacing="distance"` records a candidate node: about half log-spaced (dense
-    early, where stage 1 moves fastest) and half evenly spaced, merged (a step both give is taken once); the last step
-    always. [`distill.profile.place_by_distance`] then keeps the nodes among them.
+    The stage-1 steps at which `path_node_spacing="distance"` records a candidate node, dense where stage 1 moves
+    fastest, its first steps (docs/method.md, "The path profile"): a quarter of them every step from step 1, half
+    log-spaced from there to the end, a quarter evenly spaced, merged (a step given twice is taken once); the last
+    step always. [`distill.profile.place_by_distance`] then keeps the nodes among them.
     """
     if num_candidates < 1:
         raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
     n = min(num_candidates, degradation_steps)
-    n_log = max(2, (n + 1) // 2)
-    log = {round(degradation_steps ** (i / (n_log - 1))) for i in range(n_log)}  # 1 ... degradation_steps
-    uniform = node_steps(degradation_steps, num_path_nodes=max(1, n // 2), path_node_spacing="uniform")
-    return sorted(log | set(uniform))
+    if n == 1:
+        return [degradation_steps]
+    n_dense, n_uniform = max(1, n // 4), n // 4
+    n_log = max(1, n - n_dense - n_uniform)
+    dense = range(1, n_dense + 1)
+    log = [round(n_dense * (degradation_steps / n_dense) ** ((i + 1) / n_log)) for i in range(n_log)]
+    uniform = node_steps(degradation_steps, num_path_nodes=n_uniform, path_node_spacing="uniform") if n_uniform else []
+    return sorted(set(dense) | set(log) | set(uniform) | {degradation_steps})

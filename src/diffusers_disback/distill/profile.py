@@ -193,6 +193,7 @@ class PathProfile:
     intermediate_cfg: str
     candidates: list[dict] = field(default_factory=list)  # densely recorded steps: {"step", "to_teacher"}
     judge: dict[int, dict] = field(default_factory=dict)
+    candidate_distances: list[list[float]] = field(default_factory=list)  # D[i][j] of teacher + candidates
 
     @classmethod
     def from_predictions(
@@ -235,6 +236,7 @@ class PathProfile:
             "nodes": [asdict(n) for n in self.nodes],
             "gap_ratio": self.gap_ratio,
             "candidates": self.candidates,
+            "candidate_distances": self.candidate_distances,
             "judge": {str(k): v for k, v in self.judge.items()},
         }
 
@@ -246,6 +248,7 @@ class PathProfile:
             values["intermediate_cfg"],
             list(values.get("candidates", [])),
             {int(k): v for k, v in values.get("judge", {}).items()},
+            [list(row) for row in values.get("candidate_distances", [])],
         )
 
     def to_json_string(self) -> str:
@@ -321,9 +324,10 @@ def place_by_distance(distances: torch.Tensor | Sequence[Sequence[float]], num_n
 
     `distances` is the matrix `D[i, j]` ([`pairwise_distances`]) of the teacher (index 0) and the candidates
     `1..M` in recording order. The last candidate always ends the path; the others are chosen, in recording order, so
-    that the largest distance between neighbouring nodes (the teacher included) is as small as it can be, and among
-    the choices that reach it, the smallest is as large as it can be: every switch of the backtracking target is
-    then about the same step. Returns the chosen candidates' indices (`1..M`, increasing, `M` last).
+    that the largest distance between neighbouring nodes (the teacher included) is as small as it can be, and, among
+    the chains with that largest gap, the smallest gap is as large as it can be: every switch of the backtracking
+    target is then about the same step. Both are exact (two bottleneck dynamic programmes, the second restricted to
+    gaps no larger than the first's optimum). Returns the chosen candidates' indices (`1..M`, increasing, `M` last).
 
     Stage 1 does not move along a straight line (its distance to the teacher can rise, then fall), so the spacing is
     measured between neighbours, not as each node's distance to the teacher.
@@ -334,26 +338,33 @@ def place_by_distance(distances: torch.Tensor | Sequence[Sequence[float]], num_n
         raise ValueError(f"distances must be a square matrix (teacher + candidates), got {tuple(D.shape)}")
     if not 1 <= num_nodes <= M:
         raise ValueError(f"need 1 <= num_nodes <= {M} candidates, got {num_nodes}")
-    # best[k][j]: (largest gap, -smallest gap) of the best chain teacher -> ... -> candidate j with k nodes
-    inf = (math.inf, math.inf)
-    best = [[inf] * (M + 1) for _ in range(num_nodes + 1)]
-    came = [[-1] * (M + 1) for _ in range(num_nodes + 1)]
-    best[0][0] = (0.0, -math.inf)
+    gap = D.tolist()
+    largest, _ = _bottleneck_chain(gap, num_nodes, M, lambda a, b: max(a, b), lambda a, b: a < b, 0.0, math.inf)
+    # among the chains whose every gap is <= `largest`, the one whose smallest gap is largest
+    allowed = [[g if g <= largest else None for g in row] for row in gap]
+    _, chosen = _bottleneck_chain(allowed, num_nodes, M, lambda a, b: min(a, b), lambda a, b: a > b, math.inf, -1.0)
+    return chosen
+
+
+def _bottleneck_chain(gap, num_nodes: int, last: int, combine, better, start: float, worst: float):
+    """The best chain `0 -> i_1 -> ... -> i_k = last` (indices increasing, `k = num_nodes`) by the value
+    `combine`-folded over its gaps (`gap[i][j]`; None: not allowed): `(value, [i_1, ..., i_k])`."""
+    best = [[worst] * (last + 1) for _ in range(num_nodes + 1)]
+    came = [[-1] * (last + 1) for _ in range(num_nodes + 1)]
+    best[0][0] = start
     for k in range(1, num_nodes + 1):
-        for j in range(k, M + 1):
+        for j in range(k, last + 1):
             for i in range(k - 1, j):
-                if best[k - 1][i] == inf:
+                if best[k - 1][i] == worst or gap[i][j] is None:
                     continue
-                gap = float(D[i, j])
-                largest, neg_smallest = best[k - 1][i]
-                cost = (max(largest, gap), max(neg_smallest, -gap))
-                if cost < best[k][j]:
-                    best[k][j], came[k][j] = cost, i
-    chosen, j = [], M
+                value = combine(best[k - 1][i], gap[i][j])
+                if better(value, best[k][j]):
+                    best[k][j], came[k][j] = value, i
+    chosen, j = [], last
     for k in range(num_nodes, 0, -1):
         chosen.append(j)
         j = came[k][j]
-    return chosen[::-1]
+    return best[num_nodes][last], chosen[::-1]
 
 
 def path_targets(

@@ -12,12 +12,14 @@ import os
 
 import torch
 
+from .._io import atomic_write
 from ..distill import DegradationPath, DisBackConfig, NodeSwitcher, Score, SharedBase, one_step_sample
-from ..distill.profile import PathProfile, ScoreProbe, path_targets, sample, score_distance
+from ..distill.profile import PathProfile, ScoreProbe, pairwise_distances, path_targets, sample, score_distance
 from .sdxl import FrozenSDXL
 
 PROFILE_PLOT = "path_profile.png"
 TEACHER_SAMPLER_STEPS = 25  # DDIM (flow: Euler) steps of the teacher's probe samples
+PROBE_FOLDER = "probe"  # subfolder of a candidates path: each candidate's probe predictions, by stage-1 step
 
 
 class PathProfiler:
@@ -68,14 +70,22 @@ class PathProfiler:
         )
         self.teacher_predictions = self.probe.predictions(lambda c: (self.teacher(c), config.guidance_scale))
 
-    def distance(self, unet: torch.nn.Module) -> float:
-        """`d(unet, teacher)`, with `unet` guided as an intermediate target is (`--intermediate_cfg`)."""
+    def predictions(self, unet: torch.nn.Module) -> torch.Tensor:
+        """The probe predictions of `unet` guided as an intermediate target is (`--intermediate_cfg`)."""
         pred = self.frozen.score_fn(unet, autocast=False)
         target = path_targets(self.teacher, lambda _: pred, self.config.guidance_scale, self.config.intermediate_cfg)
-        return score_distance(self.probe.predictions(target(1)), self.teacher_predictions)
+        return self.probe.predictions(target(1))
+
+    def distance(self, unet: torch.nn.Module) -> float:
+        """`d(unet, teacher)` ([`predictions`] against the teacher's)."""
+        return score_distance(self.predictions(unet), self.teacher_predictions)
 
     def node_predictions(self, path: DegradationPath) -> list[torch.Tensor]:
-        """The probe predictions of every node of `path` (the teacher first), each loaded as stage 2 loads it."""
+        """The probe predictions of every node of `path` (the teacher first): those [`save_predictions`] kept beside
+        it, as measured when the node was recorded; the others computed with each node loaded as stage 2 loads it."""
+        kept = [load_predictions(path, node.step) for node in path.nodes[1:]]
+        if all(p is not None for p in kept):
+            return [self.teacher_predictions, *(p.to(self.teacher_predictions.device) for p in kept)]
         borrow = self.shared is not None and path.kind == "lora"
         base = self.shared if borrow else copy.deepcopy(self.frozen.teacher)
         switcher = NodeSwitcher(path, base, teacher=self.frozen.teacher)
@@ -101,7 +111,31 @@ class PathProfiler:
         profile = PathProfile.from_predictions([n.step for n in path.nodes], predictions, w, cfg)
         if candidates is not None:
             profile.candidates = [{"step": n.step, "to_teacher": n.distance} for n in candidates.nodes[1:]]
+            matrix = pairwise_distances(self.node_predictions(candidates))  # from the kept predictions: no pass
+            profile.candidate_distances = [[round(float(d), 6) for d in row] for row in matrix]
         return profile
+
+
+def _predictions_file(path: DegradationPath, step: int) -> str:
+    return os.path.join(path.directory, PROBE_FOLDER, f"step_{step:06d}.safetensors")
+
+
+def save_predictions(path: DegradationPath, step: int, predictions: torch.Tensor) -> str:
+    """Keeps a node's probe predictions (measured on the live network as it was recorded) beside `path`, so that
+    placing nodes by distance needs no second probe pass; written atomically, replacing a file of the same step (a
+    resumed stage 1 records its nodes after the checkpoint again)."""
+    from safetensors.torch import save_file
+
+    file = _predictions_file(path, step)
+    return atomic_write(file, lambda tmp: save_file({"predictions": predictions.detach().cpu().contiguous()}, tmp))
+
+
+def load_predictions(path: DegradationPath, step: int) -> torch.Tensor | None:
+    """The probe predictions [`save_predictions`] kept for the node of stage-1 step `step`, or None."""
+    from safetensors.torch import load_file
+
+    file = _predictions_file(path, step)
+    return load_file(file)["predictions"] if os.path.isfile(file) else None
 
 
 def write_profile(path: DegradationPath, profile: PathProfile) -> str:
