@@ -8,6 +8,10 @@ the warm control, in three regimes of initial mismatch, through the SDXL trainin
     python benchmarks/path_regimes.py --inits weak --seeds 0 1 2        #   each run keeps its own run.json)
     python benchmarks/path_regimes.py --report_only                     # tables and plots of every finished run
 
+Every finished run's record (its curve included) is merged into `benchmarks/results/path_regimes_runs.json`, so a
+report covers the runs of earlier sessions and machines without their run folders; a regime with no record keeps its
+table as it is.
+
 Regimes (the generator's starting point; the teacher is always `examples/shapes/teacher`):
 
 - `teacher`: the teacher's own UNet (as every earlier comparison);
@@ -31,12 +35,13 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 
-from common import write_section
+from common import read_section, write_section
 from shapes_compare import FAMILIES, ROOT, curve, judge_final, random_generator, run_script, teacher_samples
 
 from diffusers_disback.shapes import write_prompts
@@ -54,6 +59,7 @@ REGIME_TITLES = {
     "weak": "from a weak model (the teacher's recipe stopped early)",
     "random": "from a random generator",
 }
+TITLE = "# Three regimes: DMD, DisBack (step- and distance-spaced) and the warm control"
 STAGE1 = {  # spacing -> stage-1 flags beyond the recipe's (200 steps, a node every 50)
     "step": [],
     "distance": ["--num_path_nodes", "4", "--path_node_spacing", "distance"],
@@ -75,7 +81,11 @@ def parse_args(argv=None):
     p.add_argument("--intermediate_cfg", default="node", choices=("none", "node", "teacher"))
     p.add_argument("--report_only", action="store_true", help="only aggregate finished runs")
     p.add_argument("--report", default=os.path.join(HERE, "results", "path_regimes.md"))
-    p.add_argument("--plot", default=os.path.join(ROOT, "docs", "images", "path_regimes.png"))
+    p.add_argument(
+        "--records", default=os.path.join(HERE, "results", "path_regimes_runs.json"),
+        help="every finished run's record (curve included), merged with OUTPUT's: a report needs no earlier run dirs",
+    )  # fmt: skip
+    p.add_argument("--plots", default=os.path.join(ROOT, "docs", "images"), help="path_regimes_<regime>.png go here")
     args = p.parse_args(argv)
     # shapes_compare's helpers (the script, the teacher's sampler, the final judge) read the family: SDXL here
     args.family, args.spec = "sdxl", FAMILIES["sdxl"]
@@ -161,80 +171,101 @@ def first_reaching(run: dict, level: float) -> int | None:
     return next((p["stage_step"] for p in run["curve"] if p["eval/shapes_accuracy"] >= level), None)
 
 
-def report(args) -> None:
-    runs = []
+def load_records(args) -> list[dict]:
+    """The committed records (`--records`), replaced by any run of OUTPUT with the same regime, seed and method; the
+    merged list is written back, so runs of later sessions add to the comparison."""
+    merged = {}
+    if os.path.isfile(args.records):
+        with open(args.records) as f:
+            merged = {(r["init"], r["seed"], r["method"]): r for r in json.load(f)}
     for file in sorted(glob.glob(os.path.join(args.output_dir, "*", "run.json"))):
         with open(file) as f:
-            runs.append(json.load(f))
-    with open(os.path.join(args.output_dir, "teacher.json")) as f:
-        teacher = json.load(f)
-    lines = [
-        f"Teacher (25 Euler steps, CFG 5): all-attribute accuracy {teacher['shapes_accuracy']:.3f}. One-step accuracy "
-        f"from the in-training evaluation ({args.eval_images_per_prompt} images per caption, every caption); mean ± "
-        "sd over seeds; wall times of whole script invocations on the 2-core CPU machine (runs in parallel, one "
-        "thread each). `--intermediate_cfg " + args.intermediate_cfg + "`.",
-    ]
+            r = json.load(f)
+        merged[(r["init"], r["seed"], r["method"])] = r
+    runs = [merged[k] for k in sorted(merged, key=lambda k: (INITS.index(k[0]), k[1], METHODS.index(k[2])))]
+    os.makedirs(os.path.dirname(os.path.abspath(args.records)), exist_ok=True)
+    with open(args.records, "w") as f:
+        json.dump(runs, f, indent=1)
+    return runs
+
+
+def report(args) -> None:
+    runs = load_records(args)
+    teacher_file = os.path.join(args.output_dir, "teacher.json")
+    if os.path.isfile(teacher_file):
+        with open(teacher_file) as f:
+            teacher = json.load(f)
+        intro = (
+            f"Teacher (25 Euler steps, CFG 5): all-attribute accuracy {teacher['shapes_accuracy']:.3f}. One-step "
+            f"accuracy from the in-training evaluation ({args.eval_images_per_prompt} images per caption, every "
+            "caption); mean ± sd over seeds; wall times of whole script invocations on the 2-core CPU machine (runs in "
+            "parallel, one thread each). `--intermediate_cfg " + args.intermediate_cfg + "`."
+        )
+        write_section("summary", intro, args.report, TITLE)
+    teacher_accuracy = float(re.search(r"accuracy (\d+\.\d+)", read_section(args.report, "summary"))[1])
     for init in INITS:
         rs_init = [r for r in runs if r["init"] == init]
-        if not rs_init:
+        if rs_init:  # a regime without records keeps its section as it is
+            table = regime_table(init, rs_init, 0.5 * teacher_accuracy)
+            write_section(f"regime-{init}", table, args.report, TITLE)
+            print(table)
+            plot(args, init, rs_init)
+
+
+def regime_table(init: str, rs_init: list[dict], half: float) -> str:
+    lines = [f"### Regime: {REGIME_TITLES[init]}", "",
+             "| method | seeds | stage-1 steps + stage-2 iterations | final accuracy | at 500 | at 1,000 | first "
+             f"≥ {half:.2f} (iteration) | held-out captions (final, API) | FD to teacher (API) | wall time "
+             "stage 1 + stage 2 (s) | node steps (seed 0) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    for method in METHODS:
+        rs = sorted((r for r in rs_init if r["method"] == method), key=lambda r: r["seed"])
+        if not rs:
             continue
-        half = 0.5 * teacher["shapes_accuracy"]
-        lines += ["", f"### Regime: {REGIME_TITLES[init]}", "",
-                  "| method | seeds | stage-1 steps + stage-2 iterations | final accuracy | at 500 | at 1,000 | first "
-                  f"≥ {half:.2f} (iteration) | held-out captions (final, API) | FD to teacher (API) | wall time "
-                  "stage 1 + stage 2 (s) | node steps (seed 0) |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
-        for method in METHODS:
-            rs = sorted((r for r in rs_init if r["method"] == method), key=lambda r: r["seed"])
-            if not rs:
-                continue
 
-            def at(step, rs=rs):
-                vals = [p["eval/shapes_accuracy"] for r in rs for p in r["curve"] if p["stage_step"] == step]
-                return _mean_sd(vals) if vals else ""
+        def at(step, rs=rs):
+            vals = [p["eval/shapes_accuracy"] for r in rs for p in r["curve"] if p["stage_step"] == step]
+            return _mean_sd(vals) if vals else ""
 
-            reach = [first_reaching(r, half) for r in rs]
-            reach_s = ", ".join("–" if x is None else f"{x:,}" for x in reach)
-            lines.append(
-                f"| {NAMES[method]} | {len(rs)} | {rs[0]['stage1_steps']} + {rs[0]['stage2_iterations']:,} "
-                f"| {_mean_sd([r['curve'][-1]['eval/shapes_accuracy'] for r in rs])} | {at(500)} | {at(1000)} "
-                f"| {reach_s} | {_mean_sd([r['final']['shapes_accuracy_held_out_captions'] for r in rs])} "
-                f"| {_mean_sd([r['final']['shapes_fd'] for r in rs], 1)} "
-                f"| {statistics.mean(r['stage1_seconds'] for r in rs):.0f} + "
-                f"{statistics.mean(r['stage2_seconds'] for r in rs):.0f} | {rs[0]['node_steps'] or '–'} |"
-            )
-    title = "# Three regimes: DMD, DisBack (step- and distance-spaced) and the warm control"
-    write_section("summary", "\n".join(lines), args.report, title)
-    print("\n".join(lines))
-    plot(args, runs)
+        reach = [first_reaching(r, half) for r in rs]
+        reach_s = ", ".join("–" if x is None else f"{x:,}" for x in reach)
+        lines.append(
+            f"| {NAMES[method]} | {len(rs)} | {rs[0]['stage1_steps']} + {rs[0]['stage2_iterations']:,} "
+            f"| {_mean_sd([r['curve'][-1]['eval/shapes_accuracy'] for r in rs])} | {at(500)} | {at(1000)} "
+            f"| {reach_s} | {_mean_sd([r['final']['shapes_accuracy_held_out_captions'] for r in rs])} "
+            f"| {_mean_sd([r['final']['shapes_fd'] for r in rs], 1)} "
+            f"| {statistics.mean(r['stage1_seconds'] for r in rs):.0f} + "
+            f"{statistics.mean(r['stage2_seconds'] for r in rs):.0f} | {rs[0]['node_steps'] or '–'} |"
+        )
+    return "\n".join(lines)
 
 
-def plot(args, runs: list[dict]) -> None:
+def plot(args, init: str, runs: list[dict]) -> None:
+    """`docs/images/path_regimes_<init>.png`: one-step accuracy during stage 2, every seed and method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    inits = [i for i in INITS if any(r["init"] == i for r in runs)]
-    fig, axes = plt.subplots(1, len(inits), figsize=(5 * len(inits), 3.8), squeeze=False)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     colours = {"dmd": "tab:blue", "disback": "tab:red", "disback_distance": "tab:purple",
                "disback_adaptive": "tab:orange", "warm": "tab:green"}  # fmt: skip
-    for ax, init in zip(axes[0], inits):
-        for method in METHODS:
-            rs = [r for r in runs if r["init"] == init and r["method"] == method]
-            for i, r in enumerate(rs):
-                xs = [p["stage_step"] for p in r["curve"]]
-                ys = [p["eval/shapes_accuracy"] for p in r["curve"]]
-                ax.plot(xs, ys, color=colours[method], alpha=0.7, lw=1.2, label=NAMES[method] if i == 0 else None)
-        ax.set_title(REGIME_TITLES[init], fontsize=10)
-        ax.set_xlabel("stage-2 iteration")
-        ax.set_ylabel("one-step all-attribute accuracy")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    for method in METHODS:
+        rs = [r for r in runs if r["method"] == method]
+        for i, r in enumerate(rs):
+            xs = [p["stage_step"] for p in r["curve"]]
+            ys = [p["eval/shapes_accuracy"] for p in r["curve"]]
+            ax.plot(xs, ys, color=colours[method], alpha=0.7, lw=1.2, label=NAMES[method] if i == 0 else None)
+    ax.set_title(REGIME_TITLES[init], fontsize=10)
+    ax.set_xlabel("stage-2 iteration")
+    ax.set_ylabel("one-step all-attribute accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(args.plot), exist_ok=True)
-    fig.savefig(args.plot, dpi=100)
+    os.makedirs(args.plots, exist_ok=True)
+    fig.savefig(os.path.join(args.plots, f"path_regimes_{init}.png"), dpi=100)
+    plt.close(fig)
 
 
 def main(argv=None):
