@@ -59,3 +59,43 @@ def test_path_regimes_hands_shapes_compare_helpers_the_sdxl_family(monkeypatch):
     args = path_regimes.parse_args(["--inits", "teacher", "--seeds", "0"])
     assert args.family == "sdxl" and args.spec is shapes_compare.FAMILIES["sdxl"]
     assert args.spec["script"] == "train_disback_sdxl.py" and args.spec["teacher_steps"] == 25
+
+
+def test_path_regimes_report_merges_committed_records_and_keeps_regimes_without_runs(monkeypatch, tmp_path):
+    """Run folders die with the machine: the report merges the committed records with OUTPUT's runs (OUTPUT wins),
+    writes the merged list back, and rewrites only the regimes it has records for."""
+    import json
+    import sys
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    sys.modules.pop("path_regimes", None)
+    import common
+    import path_regimes
+
+    monkeypatch.setattr(common, "update_docs", lambda *a, **k: False)  # docs/benchmarks.md is not touched
+
+    def record(init, seed, method, final):
+        curve = [{"stage_step": s, "eval/shapes_accuracy": final * s / 1000} for s in (0, 500, 1000)]
+        return {"init": init, "seed": seed, "method": method, "stage1_steps": 0, "stage2_iterations": 1000,
+                "stage1_seconds": 0.0, "stage2_seconds": 10.0, "node_steps": [], "gap_ratio": None, "curve": curve,
+                "final": {"shapes_accuracy_held_out_captions": 0.1, "shapes_fd": 50.0}}  # fmt: skip
+
+    records = tmp_path / "runs.json"
+    records.write_text(json.dumps([record("teacher", 0, "dmd", 0.8), record("random", 0, "dmd", 0.1)]))
+    out = tmp_path / "out"
+    (out / "random-s0-dmd").mkdir(parents=True)
+    (out / "random-s0-dmd" / "run.json").write_text(json.dumps(record("random", 0, "dmd", 0.4)))
+    report = tmp_path / "report.md"
+    report.write_text(
+        "# title\n\n<!-- summary -->\nTeacher (25 Euler steps, CFG 5): all-attribute accuracy 0.868. More.\n"
+        "<!-- /summary -->\n\n<!-- regime-weak -->\nkept as it is\n<!-- /regime-weak -->\n"
+    )
+    args = path_regimes.parse_args(["--report_only", "--output_dir", str(out), "--report", str(report),
+                                    "--records", str(records), "--plots", str(tmp_path / "images")])  # fmt: skip
+    path_regimes.report(args)
+    merged = json.loads(records.read_text())
+    assert [(r["init"], r["curve"][-1]["eval/shapes_accuracy"]) for r in merged] == [("teacher", 0.8), ("random", 0.4)]
+    text = report.read_text()
+    assert "kept as it is" in text and "first ≥ 0.43" in text
+    assert "| DMD | 1 | 0 + 1,000 | 0.400 |" in text and "| DMD | 1 | 0 + 1,000 | 0.800 |" in text
+    assert sorted(os.listdir(tmp_path / "images")) == ["path_regimes_random.png", "path_regimes_teacher.png"]

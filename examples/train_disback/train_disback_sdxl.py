@@ -981,7 +981,8 @@ def keep_by_distance(run: Run, profiler: PathProfiler, path: DegradationPath, ca
     between neighbours become the path (written before the final checkpoint, so a resumed run chooses them again).
     Returns the kept nodes' probe predictions (the teacher first), for the profile."""
     predictions = profiler.node_predictions(candidates)
-    chosen = place_by_distance(pairwise_distances(predictions), run.config.num_path_nodes)
+    config = run.config
+    chosen = place_by_distance(pairwise_distances(predictions), config.num_path_nodes, config.path_spacing_tolerance)
     path.keep_nodes(candidates, chosen)
     logger.info(
         f"kept {len(chosen)} of {len(candidates) - 1} candidates, evenly spaced in distance: stage-1 steps "

@@ -54,6 +54,11 @@ class DisBackConfig:
     path_candidates: int | None = _setting(
         None, "--path_node_spacing distance: snapshots stage 1 records to choose from (default 4 x --num_path_nodes)"
     )
+    path_spacing_tolerance: float = _setting(
+        0.1,
+        "--path_node_spacing distance: the largest gap between neighbouring nodes may exceed the smallest it can be by "
+        "this fraction if that spaces the nodes more evenly (about the probe's own noise; 0: the smallest largest gap)",
+    )
     path_profile_prompts: int = _setting(
         32,
         "captions of the path profile's probe (one initial-generator and one teacher sample each): stage 1 measures "
@@ -176,6 +181,8 @@ class DisBackConfig:
                 raise ValueError(
                     "--path_node_spacing distance measures distances: --path_profile_prompts must be >= 1"
                 )
+            if self.path_spacing_tolerance < 0:
+                raise ValueError(f"--path_spacing_tolerance must be >= 0, got {self.path_spacing_tolerance}")
             if self.path_candidates is not None and self.path_candidates < self.num_path_nodes:
                 raise ValueError(
                     f"--path_candidates ({self.path_candidates}) must be >= --num_path_nodes ({self.num_path_nodes})"

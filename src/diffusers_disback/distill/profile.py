@@ -318,16 +318,23 @@ def pairwise_distances(predictions: Sequence[torch.Tensor]) -> torch.Tensor:
     return D
 
 
-def place_by_distance(distances: torch.Tensor | Sequence[Sequence[float]], num_nodes: int) -> list[int]:
+def place_by_distance(
+    distances: torch.Tensor | Sequence[Sequence[float]], num_nodes: int, tolerance: float = 0.0
+) -> list[int]:
     """
     Which of densely recorded candidates become the path's `num_nodes` nodes, evenly spaced in distance.
 
     `distances` is the matrix `D[i, j]` ([`pairwise_distances`]) of the teacher (index 0) and the candidates
-    `1..M` in recording order. The last candidate always ends the path; the others are chosen, in recording order, so
-    that the largest distance between neighbouring nodes (the teacher included) is as small as it can be, and, among
-    the chains with that largest gap, the smallest gap is as large as it can be: every switch of the backtracking
-    target is then about the same step. Both are exact (two bottleneck dynamic programmes, the second restricted to
-    gaps no larger than the first's optimum). Returns the chosen candidates' indices (`1..M`, increasing, `M` last).
+    `1..M` in recording order. The last candidate always ends the path; the others are chosen, in recording order:
+
+    1. `L`: the smallest largest gap between neighbouring nodes (the teacher included) any choice can have;
+    2. among the choices whose largest gap is at most `(1 + tolerance) * L`, the most even one: the smallest ratio
+       of largest to smallest gap (ties: the smaller largest gap). With `tolerance=0` that is the choice with the
+       largest smallest gap among those that reach `L`. A small tolerance (the training script's
+       `--path_spacing_tolerance`) buys a much more even path when one unavoidable gap sets `L`.
+
+    Every switch of the backtracking target is then about the same step. Both steps are exact (bottleneck dynamic
+    programmes over the chains). Returns the chosen candidates' indices (`1..M`, increasing, `M` last).
 
     Stage 1 does not move along a straight line (its distance to the teacher can rise, then fall), so the spacing is
     measured between neighbours, not as each node's distance to the teacher.
@@ -338,33 +345,42 @@ def place_by_distance(distances: torch.Tensor | Sequence[Sequence[float]], num_n
         raise ValueError(f"distances must be a square matrix (teacher + candidates), got {tuple(D.shape)}")
     if not 1 <= num_nodes <= M:
         raise ValueError(f"need 1 <= num_nodes <= {M} candidates, got {num_nodes}")
-    gap = D.tolist()
-    largest, _ = _bottleneck_chain(gap, num_nodes, M, lambda a, b: max(a, b), lambda a, b: a < b, 0.0, math.inf)
-    # among the chains whose every gap is <= `largest`, the one whose smallest gap is largest
-    allowed = [[g if g <= largest else None for g in row] for row in gap]
-    _, chosen = _bottleneck_chain(allowed, num_nodes, M, lambda a, b: min(a, b), lambda a, b: a > b, math.inf, -1.0)
-    return chosen
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    forward = torch.ones_like(D, dtype=torch.bool).triu(1)  # a chain goes i -> j with i < j
+    largest = _bottleneck(torch.where(forward, D, math.inf), num_nodes, minimise_largest=True)[0]
+    bound = largest * (1 + tolerance)
+    best = None
+    for limit in sorted({float(v) for v in D[forward & (D >= largest) & (D <= bound)]}):
+        allowed = torch.where(forward & (D <= limit), D, -math.inf)
+        smallest, chain = _bottleneck(allowed, num_nodes, minimise_largest=False)
+        gaps = [float(D[a, b]) for a, b in zip([0, *chain], chain)]
+        key = (max(gaps) / smallest if smallest > 0 else math.inf, max(gaps))
+        if best is None or key < best[0]:
+            best = (key, chain)
+    return best[1]
 
 
-def _bottleneck_chain(gap, num_nodes: int, last: int, combine, better, start: float, worst: float):
-    """The best chain `0 -> i_1 -> ... -> i_k = last` (indices increasing, `k = num_nodes`) by the value
-    `combine`-folded over its gaps (`gap[i][j]`; None: not allowed): `(value, [i_1, ..., i_k])`."""
-    best = [[worst] * (last + 1) for _ in range(num_nodes + 1)]
-    came = [[-1] * (last + 1) for _ in range(num_nodes + 1)]
-    best[0][0] = start
-    for k in range(1, num_nodes + 1):
-        for j in range(k, last + 1):
-            for i in range(k - 1, j):
-                if best[k - 1][i] == worst or gap[i][j] is None:
-                    continue
-                value = combine(best[k - 1][i], gap[i][j])
-                if better(value, best[k][j]):
-                    best[k][j], came[k][j] = value, i
-    chosen, j = [], last
-    for k in range(num_nodes, 0, -1):
-        chosen.append(j)
-        j = came[k][j]
-    return best[num_nodes][last], chosen[::-1]
+def _bottleneck(gap: torch.Tensor, num_nodes: int, minimise_largest: bool) -> tuple[float, list[int]]:
+    """The chain `0 -> i_1 -> ... -> i_k = M` (`k = num_nodes`, indices increasing) whose largest gap is smallest
+    (`minimise_largest`; disallowed steps `+inf`) or whose smallest gap is largest (disallowed `-inf`), as
+    `(that gap, [i_1, ..., i_k])`."""
+    M = gap.shape[0] - 1
+    worst = math.inf if minimise_largest else -math.inf
+    value = torch.full((M + 1,), worst, dtype=torch.float64)
+    value[0] = -math.inf if minimise_largest else math.inf
+    came = []
+    for _ in range(num_nodes):
+        if minimise_largest:
+            value, prev = torch.maximum(value[:, None], gap).min(dim=0)
+        else:
+            value, prev = torch.minimum(value[:, None], gap).max(dim=0)
+        came.append(prev)
+    chain, j = [], M
+    for prev in reversed(came):
+        chain.append(j)
+        j = int(prev[j])
+    return float(value[M]), chain[::-1]
 
 
 def path_targets(
